@@ -1,0 +1,98 @@
+"""The SimPO objective (shared/SIMPO.md), readable in one screen.
+
+    pi_logratios = logp(chosen) - logp(rejected)
+    logits       = pi_logratios - gamma_beta_ratio
+    sigmoid:  L = -logsigmoid(beta*logits)*(1-eps) - logsigmoid(-beta*logits)*eps
+    hinge:    L = relu(1 - beta*logits)
+    total     = mean(L) + sft_weight * mean(-logp(chosen))
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LossType = Literal["sigmoid", "hinge"]
+
+
+class SimPOLoss(NamedTuple):
+    losses: torch.Tensor  # per pair
+    chosen_rewards: torch.Tensor  # beta * logp(chosen), detached
+    rejected_rewards: torch.Tensor  # beta * logp(rejected), detached
+
+
+def simpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    gamma_beta_ratio: float,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> SimPOLoss:
+    """Per-pair SimPO losses and the implicit rewards.
+
+    `chosen_logps`/`rejected_logps` are sequence log-probs of each response (length-averaged
+    for SimPO; see `sequence_logps`). The SFT term is added by the caller: it is a property
+    of the batch, not of a pair's preference.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    logits = (chosen_logps - rejected_logps) - gamma_beta_ratio
+    if loss_type == "sigmoid":
+        losses = (
+            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * logits) * label_smoothing
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
+    return SimPOLoss(
+        losses=losses,
+        chosen_rewards=beta * chosen_logps.detach(),
+        rejected_rewards=beta * rejected_logps.detach(),
+    )
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    average: bool = True,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Log-prob of each row's labelled tokens, summed or averaged over those tokens.
+
+    `labels` is aligned with the input ids (labels[t] = input_ids[t] on response tokens,
+    `ignore_index` on prompt and padding); the next-token shift happens here. The log-softmax
+    runs in float32 whatever the logits' dtype, because bf16 log-probs of long responses
+    lose the small differences the loss is made of.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [batch, length]"
+        )
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != ignore_index
+    token_ids = shifted_labels.masked_fill(~mask, 0)
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_token = torch.gather(log_probs, -1, token_ids.unsqueeze(-1)).squeeze(-1) * mask
+    return reduce_token_logps(per_token.sum(-1), mask.sum(-1), average=average)
+
+
+def reduce_token_logps(
+    summed_logps: torch.Tensor, token_counts: torch.Tensor, *, average: bool
+) -> torch.Tensor:
+    """Sum -> average over response tokens; a response with no tokens is an input error."""
+    if not average:
+        return summed_logps
+    if bool((token_counts == 0).any()):
+        raise ValueError(
+            "a response has no tokens left after truncation; drop such pairs before training"
+        )
+    return summed_logps / token_counts

@@ -1,0 +1,307 @@
+"""Pydantic models of a sweep spec: the single source of every default and validation rule.
+
+A spec file has one section per concern (model, data, training, simpo, search, resources,
+tracking, storage). The engine consumes `ModelSpec`, `DataSpec`, `TrainingSpec` and `SimPOSpec`
+directly; the upper layers consume the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(StrictModel):
+    name: str = Field(
+        "builtin:tiny-llama",
+        description="Hugging Face hub id, local path, or builtin:<name> for a demo model.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer id or path; defaults to `name`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataColumns(StrictModel):
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+class DataSpec(StrictModel):
+    source: str = Field(
+        "builtin:rule-following",
+        description="Hub id, local jsonl/json/parquet/csv file, save_to_disk folder, or builtin:<name>.",
+    )
+    split: str = "train"
+    eval_split: str | None = Field(
+        None, description="Held-out split; when absent, eval_fraction of `split` is held out."
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_pairs: int | None = Field(None, gt=0)
+    max_eval_pairs: int | None = Field(None, gt=0)
+    columns: DataColumns = Field(default_factory=DataColumns)
+    chat_template: str | None = Field(
+        None, description="Jinja chat template overriding the tokenizer's own."
+    )
+    max_length: int = Field(512, gt=1, description="Prompt + response tokens, per sequence.")
+    max_prompt_length: int = Field(256, gt=0)
+    seed: int = 0
+    cache_dir: str | None = Field(
+        None, description="Where tokenised data is cached; defaults to <storage.path>/data_cache."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataSpec:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length}) so that responses keep at least one token"
+            )
+        return self
+
+
+class TrainingSpec(StrictModel):
+    learning_rate: PositiveFloat = 1e-3
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: PositiveFloat = 1e-8
+    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Pairs per worker per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
+    eval_batch_size: int = Field(32, gt=0)
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, none on CPU."
+    )
+    padding_free: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pack chosen+rejected without padding where the attention allows."
+    )
+    logprob_chunk_tokens: int = Field(
+        1024, gt=0, description="Response tokens projected through the LM head at once."
+    )
+    group_by_length: bool = False
+
+
+class SimPOSpec(StrictModel):
+    beta: PositiveFloat = 2.0
+    gamma_beta_ratio: float = Field(0.5, ge=0, description="Target margin divided by beta.")
+    gamma: float | None = Field(
+        None,
+        ge=0,
+        description="Absolute target margin (other libraries' convention); converted to "
+        "gamma_beta_ratio = gamma / beta. Give one or the other, never both.",
+    )
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    sft_weight: float = Field(0.0, ge=0)
+    average_log_prob: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_gamma(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gamma") is not None:
+            if data.get("gamma_beta_ratio") is not None:
+                raise ValueError(
+                    "give gamma_beta_ratio or the absolute gamma, not both "
+                    "(gamma = gamma_beta_ratio * beta)"
+                )
+            data = dict(data)
+            beta = float(data.get("beta", cls.model_fields["beta"].default))
+            data["gamma_beta_ratio"] = float(data.pop("gamma")) / beta
+        return data
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid_only(self) -> SimPOSpec:
+        if self.loss_type == "hinge" and self.label_smoothing != 0:
+            raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 for hinge")
+        return self
+
+
+class DiagnosticsSpec(StrictModel):
+    """Thresholds of shared/SIMPO.md that turn metrics into a verdict."""
+
+    stop_degenerate: bool = Field(True, description="Stop a trial as soon as it turns degenerate.")
+    low_margin: float = Field(0.5, description="Reward margin below this late in training.")
+    high_margin: float = Field(5.0, description="Reward margin above this: over-fitting.")
+    collapse_logp: float = Field(-10.0, description="Both mean log-probs below this: collapse.")
+    collapse_after_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Collapse is judged past this fraction of max_steps: a randomly initialised "
+        "model starts near -log(vocab size), which for a large vocabulary is already below -10.",
+    )
+    late_fraction: float = Field(
+        0.5, gt=0, le=1, description="'Late in training' = past this fraction of max_steps."
+    )
+
+
+# ---- search space ---------------------------------------------------------------------------
+
+
+class ChoiceDomain(StrictModel):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+class GridDomain(StrictModel):
+    type: Literal["grid"]
+    values: list[Any] = Field(min_length=1)
+
+
+class _RangeDomain(StrictModel):
+    low: float
+    high: float
+    q: float | None = Field(None, gt=0, description="Quantisation step.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _RangeDomain:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class UniformDomain(_RangeDomain):
+    type: Literal["uniform"]
+
+
+class LogUniformDomain(_RangeDomain):
+    type: Literal["loguniform"]
+
+    @model_validator(mode="after")
+    def _positive(self) -> LogUniformDomain:
+        if self.low <= 0:
+            raise ValueError(f"log-uniform bounds must be > 0, got low={self.low}")
+        return self
+
+
+class IntDomain(StrictModel):
+    type: Literal["int"]
+    low: int
+    high: int = Field(description="Inclusive.")
+    q: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntDomain:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+Domain = Annotated[
+    ChoiceDomain | GridDomain | UniformDomain | LogUniformDomain | IntDomain,
+    Field(discriminator="type"),
+]
+
+
+class ASHASpec(StrictModel):
+    type: Literal["asha"]
+    grace_period: int = Field(50, gt=0, description="Training steps before a trial can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class NoScheduler(StrictModel):
+    type: Literal["none"]
+
+
+class StageSpec(StrictModel):
+    """One stage of a staged search: its own space, starting from the best of the stage before."""
+
+    name: str
+    space: dict[str, Domain]
+    num_samples: int | None = Field(None, gt=0)
+
+
+class SearchSpec(StrictModel):
+    space: dict[str, Domain] = Field(default_factory=dict)
+    algorithm: Literal["grid", "random", "optuna"] = "random"
+    scheduler: ASHASpec | NoScheduler = Field(
+        default_factory=lambda: NoScheduler(type="none"), discriminator="type"
+    )
+    metric: str = "eval/rewards/accuracies"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(4, gt=0, description="Samples; with grid domains, repeats of the grid.")
+    max_concurrent_trials: int = Field(2, gt=0)
+    time_budget_s: float | None = Field(None, gt=0)
+    seed: int | None = 0
+    stages: list[StageSpec] = Field(default_factory=list)
+
+
+class ResourcesSpec(StrictModel):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial (DDP when > 1).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="Fractions pack small trials on a GPU.")
+    trial_driver_cpus: float = Field(
+        0.1, ge=0, description="CPU of the Tune trial that drives the Train run; keep it small."
+    )
+    max_failures: int = Field(2, ge=0, description="Retries of a failed trial from its checkpoint.")
+
+    @model_validator(mode="after")
+    def _fractional_gpus_single_worker(self) -> ResourcesSpec:
+        fractional = 0 < self.gpus_per_worker < 1
+        if fractional and self.num_workers > 1:
+            raise ValueError(
+                "fractional gpus_per_worker works for single-worker trials only "
+                "(DDP workers sharing a GPU fail in NCCL)"
+            )
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError("gpus_per_worker above 1 must be a whole number")
+        return self
+
+
+class TrackingSpec(StrictModel):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: sqlite:///<storage.path>/mlflow.db."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; default: the sweep name.")
+    enabled: bool = True
+
+
+class StorageSpec(StrictModel):
+    path: str = Field(
+        "simpo_runs", description="Checkpoints and Tune state; shared storage on a multi-node cluster."
+    )
+
+
+class SweepSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    simpo: SimPOSpec = Field(default_factory=SimPOSpec)
+    diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+
+class TrialConfig(StrictModel):
+    """Everything one trial trains with: the spec's fixed sections with the sampled values applied."""
+
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec
+    simpo: SimPOSpec
+    diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)

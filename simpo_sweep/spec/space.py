@@ -1,0 +1,142 @@
+"""The search space in spec terms: which config field a key names, and a trial's resolved config.
+
+Space keys are `section.field` paths (`simpo.beta`, `training.learning_rate`) or, for the
+training and simpo sections whose field names are unique, the bare field name (`beta`).
+Translation into Ray Tune domains lives in the service layer: the spec stays free of Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+from simpo_sweep.spec.models import (
+    ChoiceDomain,
+    GridDomain,
+    IntDomain,
+    LogUniformDomain,
+    SweepSpec,
+    TrialConfig,
+    UniformDomain,
+)
+
+# Sections a trial may vary. Resources and storage are sweep-wide.
+SEARCHABLE_SECTIONS = ("training", "simpo", "data", "model")
+BARE_NAME_SECTIONS = ("training", "simpo")
+
+# Knobs that only mean something for some loss types: not searched where they have no effect.
+ONLY_FOR_LOSS_TYPE = {"simpo.label_smoothing": "sigmoid"}
+
+
+def _section_fields(section: str) -> dict[str, Any]:
+    model: type[BaseModel] = SweepSpec.model_fields[section].annotation  # type: ignore[assignment]
+    return dict(model.model_fields)
+
+
+def searchable_paths() -> list[str]:
+    return [f"{section}.{name}" for section in SEARCHABLE_SECTIONS for name in _section_fields(section)]
+
+
+def resolve_key(key: str) -> str:
+    """`beta` -> `simpo.beta`; `training.learning_rate` stays. KeyError with a hint otherwise."""
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section in SEARCHABLE_SECTIONS and name in _section_fields(section):
+            return key
+    else:
+        for section in BARE_NAME_SECTIONS:
+            if key in _section_fields(section):
+                return f"{section}.{key}"
+    raise KeyError(key)
+
+
+def param_name(path: str) -> str:
+    """The flat, readable name a trial's value is shown under (MLflow params, tables)."""
+    section, _, name = path.partition(".")
+    return name if section in BARE_NAME_SECTIONS else path
+
+
+def domain_values_to_check(domain: Any) -> list[Any]:
+    """The values whose validity decides whether a domain is possible for its field."""
+    if isinstance(domain, ChoiceDomain | GridDomain):
+        return list(domain.values)
+    if isinstance(domain, UniformDomain | LogUniformDomain | IntDomain):
+        return [domain.low, domain.high]
+    raise TypeError(domain)
+
+
+def count_trials(spec: SweepSpec) -> int:
+    """Trials the search means: the (deduplicated) grid size times num_samples."""
+    return len(grid_points(spec)) * spec.search.num_samples
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every combination of the grid domains, with knobs that have no effect collapsed."""
+    grid = {
+        resolve_key(key): domain.values
+        for key, domain in spec.search.space.items()
+        if isinstance(domain, GridDomain)
+    }
+    points: list[dict[str, Any]] = []
+    for values in itertools.product(*grid.values()):
+        point = drop_ineffective(dict(zip(grid, values, strict=True)), spec)
+        if point not in points:
+            points.append(point)
+    return points or [{}]
+
+
+def drop_ineffective(sampled: Mapping[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    """Remove knobs that have no effect under this point's loss_type."""
+    loss_type = sampled.get("simpo.loss_type", spec.simpo.loss_type)
+    return {
+        path: value
+        for path, value in sampled.items()
+        if ONLY_FOR_LOSS_TYPE.get(path, loss_type) == loss_type
+    }
+
+
+def trial_config(spec: SweepSpec, sampled: Mapping[str, Any]) -> TrialConfig:
+    """The spec's fixed sections with a trial's sampled values (keyed by full path) applied."""
+    sections = {name: getattr(spec, name).model_dump() for name in (*SEARCHABLE_SECTIONS, "diagnostics")}
+    for path, value in drop_ineffective(sampled, spec).items():
+        section, _, name = path.partition(".")
+        sections[section][name] = value
+    if sections["simpo"]["loss_type"] == "hinge":
+        sections["simpo"]["label_smoothing"] = 0.0
+    # An absolute gamma in the fixed section must not override a searched gamma_beta_ratio.
+    sections["simpo"].pop("gamma", None)
+    return TrialConfig.model_validate(sections)
+
+
+def flat_params(config: TrialConfig) -> dict[str, Any]:
+    """A trial's full resolved configuration under flat readable names."""
+    params: dict[str, Any] = {}
+    for section in SEARCHABLE_SECTIONS:
+        for name, value in getattr(config, section).model_dump().items():
+            if isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    params[f"{section}.{name}.{sub}"] = sub_value
+            elif value is not None or section in BARE_NAME_SECTIONS:
+                params[param_name(f"{section}.{name}")] = value
+    params.pop("gamma", None)
+    return params
+
+
+def describe_domain(domain: Any) -> str:
+    if isinstance(domain, ChoiceDomain):
+        return f"choice {domain.values}"
+    if isinstance(domain, GridDomain):
+        return f"grid {domain.values}"
+    step = f" step {domain.q}" if domain.q else ""
+    if isinstance(domain, IntDomain):
+        return f"int [{domain.low}, {domain.high}]{step}"
+    kind = "log-uniform" if isinstance(domain, LogUniformDomain) else "uniform"
+    return f"{kind} [{domain.low:g}, {domain.high:g}]{step}"
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
