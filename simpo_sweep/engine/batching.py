@@ -2,19 +2,43 @@
 
 Two layouts, same sequence order (chosen of every pair, then rejected of every pair):
 - padded: one row per sequence, right-padded to the longest;
-- packed: every sequence concatenated into one row, position ids restarting at each sequence,
-  so no compute goes to padding (needs an attention implementation that honours packed
-  position ids).
+- packed: sequences concatenated into rows with position ids restarting at each sequence and no
+  attention mask, so that transformers derives the sequence boundaries from the position ids
+  (block-diagonal causal attention). Which attention implementations honour that, and whether
+  one long row or several bounded rows is cheaper, is `packing_layout`'s business:
+  * varlen kernels (flash_attention_2/3) and flex_attention cost sum(len_i^2): one row;
+  * sdpa and eager build a dense [rows, L, L] mask and cost rows * L^2 whatever the mask says,
+    so one row of all tokens would cost far more than padding: sequences are binned into rows
+    no longer than the longest sequence (first-fit decreasing), which is never more attention
+    than the padded layout and drops most of the padding tokens from every other layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 IGNORE_INDEX = -100
+
+# Attention implementations whose packed cost is per sequence: pack everything into one row.
+VARLEN_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3", "flex_attention"})
+# Implementations that honour packed position ids through a dense block-diagonal mask
+# (checked in tests/test_logps_paths.py): pack into rows bounded by the longest sequence.
+DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
+
+Layout = Literal["packed_one_row", "packed_rows", "padded"]
+
+
+def packing_layout(attn_implementation: str | None) -> Layout:
+    """The cheapest correct layout for a model's attention implementation (unknown: padded)."""
+    if attn_implementation in VARLEN_ATTENTION:
+        return "packed_one_row"
+    if attn_implementation in DENSE_MASK_ATTENTION:
+        return "packed_rows"
+    return "padded"
 
 
 @dataclass(frozen=True)
@@ -95,20 +119,77 @@ def collate_padded(examples: Sequence[PairExample], pad_token_id: int) -> PairBa
     return PairBatch(input_ids, labels, sequence_ids, attention_mask, None, len(examples))
 
 
-def collate_packed(examples: Sequence[PairExample]) -> PairBatch:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    sequence_ids: list[int] = []
-    position_ids: list[int] = []
-    for index, (tokens, prompt_length) in enumerate(_sequences(examples)):
-        input_ids += tokens
-        labels += [IGNORE_INDEX] * prompt_length + tokens[prompt_length:]
-        sequence_ids += [index] * len(tokens)
-        position_ids += list(range(len(tokens)))
+def collate_packed(
+    examples: Sequence[PairExample],
+    *,
+    max_row_tokens: int | None = None,
+    pad_token_id: int = 0,
+) -> PairBatch:
+    """Pack the sequences without per-sequence padding.
 
-    def row(values: list[int]) -> torch.Tensor:
-        return torch.tensor([values], dtype=torch.long)
+    `max_row_tokens=None`: every sequence in one row (for varlen attention). Otherwise rows hold
+    at most max(max_row_tokens, longest sequence) tokens, filled first-fit decreasing; rows
+    shorter than the longest row get a tail of `pad_token_id` (label ignored, sequence id -1,
+    position ids restarting at 0 so that the tail is a separate "sequence" nobody attends to).
+    """
+    sequences = _sequences(examples)
+    bins: list[list[int]] = []
+    if max_row_tokens is None:
+        bins.append(list(range(len(sequences))))
+    else:
+        capacity = max(max_row_tokens, *(len(tokens) for tokens, _ in sequences))
+        room: list[int] = []
+        for index in sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0])):
+            size = len(sequences[index][0])
+            target = next((b for b, free in enumerate(room) if free >= size), None)
+            if target is None:
+                bins.append([index])
+                room.append(capacity - size)
+            else:
+                bins[target].append(index)
+                room[target] -= size
+        # keep sequence order inside a row stable (chosen before rejected, pair order)
+        bins = [sorted(b) for b in bins]
 
+    rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
+    for members in bins:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        sequence_ids: list[int] = []
+        position_ids: list[int] = []
+        for index in members:
+            tokens, prompt_length = sequences[index]
+            input_ids += tokens
+            labels += [IGNORE_INDEX] * prompt_length + tokens[prompt_length:]
+            sequence_ids += [index] * len(tokens)
+            position_ids += list(range(len(tokens)))
+        rows.append((input_ids, labels, sequence_ids, position_ids))
+
+    width = max(len(row[0]) for row in rows)
+    shape = (len(rows), width)
+    input_tensor = torch.full(shape, pad_token_id, dtype=torch.long)
+    label_tensor = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    sequence_tensor = torch.full(shape, -1, dtype=torch.long)
+    position_tensor = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)
+    for row, (input_ids, labels, sequence_ids, position_ids) in enumerate(rows):
+        used = len(input_ids)
+        input_tensor[row, :used] = torch.tensor(input_ids, dtype=torch.long)
+        label_tensor[row, :used] = torch.tensor(labels, dtype=torch.long)
+        sequence_tensor[row, :used] = torch.tensor(sequence_ids, dtype=torch.long)
+        position_tensor[row, :used] = torch.tensor(position_ids, dtype=torch.long)
+        position_tensor[row, used:] = torch.arange(width - used, dtype=torch.long)
     return PairBatch(
-        row(input_ids), row(labels), row(sequence_ids), None, row(position_ids), len(examples)
+        input_tensor, label_tensor, sequence_tensor, None, position_tensor, len(examples)
     )
+
+
+def collate_for_attention(
+    examples: Sequence[PairExample], attn_implementation: str | None, pad_token_id: int
+) -> PairBatch:
+    """Collate in `packing_layout(attn_implementation)`'s layout."""
+    layout = packing_layout(attn_implementation)
+    if layout == "packed_one_row":
+        return collate_packed(examples, pad_token_id=pad_token_id)
+    if layout == "packed_rows":
+        return collate_packed(examples, max_row_tokens=0, pad_token_id=pad_token_id)
+    return collate_padded(examples, pad_token_id)

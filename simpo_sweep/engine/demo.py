@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -118,7 +124,7 @@ BUILTIN_MODELS: dict[str, DemoModelShape] = {
 }
 
 
-def demo_model_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def demo_model_config(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     key = strip_builtin_prefix(name)
     if key not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + known_name for known_name in sorted(BUILTIN_MODELS))
@@ -140,14 +146,24 @@ def demo_model_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlamaCon
 
 
 def build_demo_model(
-    name: str, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """A randomly initialised Llama from the registry; the same seed gives the same weights."""
+    """A randomly initialised Llama from the registry; the same seed gives the same weights.
+
+    Any tokenizer works: the embedding table is sized from it. `attn_implementation` None lets
+    transformers choose (sdpa where available).
+    """
     config = demo_model_config(name, tokenizer)
     # Seed a forked RNG so that building a model does not reset the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation
+        )
     model.name_or_path = BUILTIN_PREFIX + strip_builtin_prefix(name)
     return model
 

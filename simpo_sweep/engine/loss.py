@@ -1,10 +1,10 @@
 """The SimPO objective (shared/SIMPO.md), readable in one screen.
 
-    pi_logratios = logp(chosen) - logp(rejected)
-    logits       = pi_logratios - gamma_beta_ratio
-    sigmoid:  L = -logsigmoid(beta*logits)*(1-eps) - logsigmoid(-beta*logits)*eps
-    hinge:    L = relu(1 - beta*logits)
-    total     = mean(L) + sft_weight * mean(-logp(chosen))
+pi_logratios = logp(chosen) - logp(rejected)
+logits       = pi_logratios - gamma_beta_ratio
+sigmoid:  L = -logsigmoid(beta*logits)*(1-eps) - logsigmoid(-beta*logits)*eps
+hinge:    L = relu(1 - beta*logits)
+total     = mean(L) + sft_weight * mean(-logp(chosen))
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def sequence_logps(
 
     `labels` is aligned with the input ids (labels[t] = input_ids[t] on response tokens,
     `ignore_index` on prompt and padding); the next-token shift happens here. The log-softmax
-    runs in float32 whatever the logits' dtype, because bf16 log-probs of long responses
+    runs in (at least) float32 whatever the logits' dtype, because bf16 log-probs of long responses
     lose the small differences the loss is made of.
     """
     if logits.shape[:-1] != labels.shape:
@@ -80,7 +80,8 @@ def sequence_logps(
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != ignore_index
     token_ids = shifted_labels.masked_fill(~mask, 0)
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_probs = torch.log_softmax(logits[:, :-1].to(compute_dtype), dim=-1)
     per_token = torch.gather(log_probs, -1, token_ids.unsqueeze(-1)).squeeze(-1) * mask
     return reduce_token_logps(per_token.sum(-1), mask.sum(-1), average=average)
 

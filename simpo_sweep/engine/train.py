@@ -25,15 +25,32 @@ from torch import nn
 
 from simpo_sweep.engine.batching import PairBatch, PairExample, collate_packed, collate_padded
 from simpo_sweep.engine.logps import PolicyLogps
-from simpo_sweep.engine.metrics import PAIR_SUMS, Diagnosis, diagnose, simpo_objective, sums_to_means
+from simpo_sweep.engine.metrics import (
+    PAIR_SUMS,
+    Diagnosis,
+    diagnose,
+    simpo_objective,
+    sums_to_means,
+)
 from simpo_sweep.spec.models import DiagnosticsSpec, SimPOSpec, TrainingSpec
 
 CHECKPOINT_FILE = "trainer_state.pt"
 
 
 class PairDataset(Protocol):
+    """Token-id columns of tokenised pairs (engine.data.TokenizedSplit is one)."""
+
+    @property
+    def prompt_ids(self) -> Sequence[Sequence[int]]: ...
+    @property
+    def chosen_ids(self) -> Sequence[Sequence[int]]: ...
+    @property
+    def rejected_ids(self) -> Sequence[Sequence[int]]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> PairExample: ...
+
+
+def pair_at(data: PairDataset, index: int) -> PairExample:
+    return PairExample(data.prompt_ids[index], data.chosen_ids[index], data.rejected_ids[index])
 
 
 @dataclass
@@ -199,11 +216,13 @@ class SimPOTrainer:
         return [index for batch in grouped for index in batch]
 
     def _pair_length(self, index: int) -> int:
-        pair = self.train_data[index]
+        pair = pair_at(self.train_data, index)
         return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
     def _collate(self, examples: Sequence[PairExample]) -> PairBatch:
-        batch = collate_packed(examples) if self.packed else collate_padded(examples, self.pad_token_id)
+        batch = (
+            collate_packed(examples) if self.packed else collate_padded(examples, self.pad_token_id)
+        )
         return batch.to(self.device)
 
     def _train_micro_batches(self) -> Iterator[PairBatch]:
@@ -212,10 +231,13 @@ class SimPOTrainer:
             order = self._epoch_order(self.epoch)
             batches_per_epoch = len(order) // self.global_micro_batch
             while self.batch_in_epoch < batches_per_epoch:
-                start = self.batch_in_epoch * self.global_micro_batch + self.rank * self.training.batch_size
+                start = (
+                    self.batch_in_epoch * self.global_micro_batch
+                    + self.rank * self.training.batch_size
+                )
                 self.batch_in_epoch += 1
                 indices = order[start : start + self.training.batch_size]
-                yield self._collate([self.train_data[i] for i in indices])
+                yield self._collate([pair_at(self.train_data, i) for i in indices])
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -226,7 +248,9 @@ class SimPOTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _reduce(self, sums: dict[str, torch.Tensor], num_pairs: int, prefix: str) -> dict[str, float]:
+    def _reduce(
+        self, sums: dict[str, torch.Tensor], num_pairs: int, prefix: str
+    ) -> dict[str, float]:
         packed = torch.stack([*(sums[name].float() for name in PAIR_SUMS)])
         packed = torch.cat([packed, torch.tensor([float(num_pairs)], device=packed.device)])
         packed = _all_reduce_sum(packed).tolist()
@@ -293,7 +317,10 @@ class SimPOTrainer:
         size = self.training.eval_batch_size
         # Rank r evaluates every world_size-th batch; all ranks together cover the whole split.
         for start in range(self.rank * size, len(self.eval_data), size * self.world_size):
-            examples = [self.eval_data[i] for i in range(start, min(start + size, len(self.eval_data)))]
+            examples = [
+                pair_at(self.eval_data, i)
+                for i in range(start, min(start + size, len(self.eval_data)))
+            ]
             with self._autocast():
                 _, batch_sums = simpo_objective(self.policy(self._collate(examples)), self.simpo)
             for name in PAIR_SUMS:
@@ -327,7 +354,9 @@ class SimPOTrainer:
         return directory
 
     def load_checkpoint(self, directory: Path) -> None:
-        state = torch.load(directory / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        state = torch.load(
+            directory / CHECKPOINT_FILE, map_location=self.device, weights_only=False
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -340,7 +369,9 @@ class SimPOTrainer:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def fit(self, callback: StepCallback | None = None, resume_from: Path | None = None) -> TrainResult:
+    def fit(
+        self, callback: StepCallback | None = None, resume_from: Path | None = None
+    ) -> TrainResult:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         micro_batches = self._train_micro_batches()

@@ -23,7 +23,6 @@ from simpo_sweep.spec.space import (
     searchable_paths,
 )
 
-
 _DOMAIN: TypeAdapter[Any] = TypeAdapter(Domain)
 _DOMAIN_TAGS = {"uniform", "loguniform", "choice", "grid", "int", "asha", "none"}
 
@@ -118,14 +117,24 @@ def _problems_from_validation(
             valid = list(model.model_fields) if model is not None else []
             close = difflib.get_close_matches(location[-1], valid, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            message = f"unknown key{hint}" if close or not valid else f"unknown key (valid: {', '.join(valid)})"
-        elif "input" in item and not isinstance(item["input"], dict | list) and item["type"] != "missing":
+            message = (
+                f"unknown key{hint}"
+                if close or not valid
+                else f"unknown key (valid: {', '.join(valid)})"
+            )
+        elif (
+            "input" in item
+            and not isinstance(item["input"], dict | list)
+            and item["type"] != "missing"
+        ):
             message = f"{message} (got {item['input']!r})"
         problems.append(Problem(".".join(location), message, _line_for(lines, location)))
     return problems
 
 
-def _space_problems(raw_space: Any, spec_base: dict[str, Any], lines: Mapping[tuple[str, ...], int]) -> list[Problem]:
+def _space_problems(
+    raw_space: Any, spec_base: dict[str, Any], lines: Mapping[tuple[str, ...], int]
+) -> list[Problem]:
     """Space keys must name a config field; every domain value must be valid for that field."""
     problems: list[Problem] = []
     if not isinstance(raw_space, dict):
@@ -140,9 +149,17 @@ def _space_problems(raw_space: Any, spec_base: dict[str, Any], lines: Mapping[tu
         try:
             path = resolve_key(key)
         except KeyError:
-            close = difflib.get_close_matches(key, valid_paths + [p.split(".", 1)[1] for p in valid_paths], n=1)
+            close = difflib.get_close_matches(
+                key, valid_paths + [p.split(".", 1)[1] for p in valid_paths], n=1
+            )
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(Problem(".".join(location), f"not a searchable config field{hint}", _line_for(lines, location)))
+            problems.append(
+                Problem(
+                    ".".join(location),
+                    f"not a searchable config field{hint}",
+                    _line_for(lines, location),
+                )
+            )
             continue
         if domain is None:
             continue
@@ -177,7 +194,9 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
     try:
         text = Path(path).read_text()
     except OSError as error:
-        raise SpecError(source, [Problem("", f"cannot read the spec file: {error.strerror}")]) from error
+        raise SpecError(
+            source, [Problem("", f"cannot read the spec file: {error.strerror}")]
+        ) from error
     return parse_spec(text, source, overrides)
 
 
@@ -198,7 +217,9 @@ def parse_spec(text: str, source: str = "<spec>", overrides: Iterable[str] = ())
     space = raw.get("search", {}).get("space") if isinstance(raw.get("search"), dict) else None
     base = {section: raw.get(section) or {} for section in SEARCHABLE_SECTIONS}
     problems += _space_problems(space, base, lines)
-    for stage_index, stage in enumerate(raw.get("search", {}).get("stages", []) or [] if isinstance(raw.get("search"), dict) else []):
+    for stage_index, stage in enumerate(
+        raw.get("search", {}).get("stages", []) or [] if isinstance(raw.get("search"), dict) else []
+    ):
         if isinstance(stage, dict):
             stage_lines = {
                 ("search", "space", *key[4:]): line
@@ -207,7 +228,13 @@ def parse_spec(text: str, source: str = "<spec>", overrides: Iterable[str] = ())
             }
             for problem in _space_problems(stage.get("space"), base, stage_lines):
                 problems.append(
-                    Problem(problem.path.replace("search.space", f"search.stages.{stage_index}.space", 1), problem.message, problem.line)
+                    Problem(
+                        problem.path.replace(
+                            "search.space", f"search.stages.{stage_index}.space", 1
+                        ),
+                        problem.message,
+                        problem.line,
+                    )
                 )
     try:
         spec = SweepSpec.model_validate(raw)
@@ -232,7 +259,8 @@ def check_resources(spec: SweepSpec, available: Mapping[str, float], where: str)
         problems.append(
             Problem(
                 "resources.cpus_per_worker",
-                f"{resources.cpus_per_worker} CPUs per worker, but the largest node of {where} has {node_cpus:g}",
+                f"{resources.cpus_per_worker:g} CPUs per worker, but the largest node of {where} "
+                f"has {node_cpus:g}",
             )
         )
     if resources.gpus_per_worker > node_gpus:
@@ -255,7 +283,10 @@ def check_resources(spec: SweepSpec, available: Mapping[str, float], where: str)
             )
         )
     total_gpus = available.get("total_GPU", node_gpus)
-    if resources.num_workers * resources.gpus_per_worker > total_gpus and resources.gpus_per_worker > 0:
+    if (
+        resources.num_workers * resources.gpus_per_worker > total_gpus
+        and resources.gpus_per_worker > 0
+    ):
         problems.append(
             Problem(
                 "resources.num_workers",

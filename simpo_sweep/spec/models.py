@@ -134,7 +134,9 @@ class SimPOSpec(StrictModel):
     @model_validator(mode="after")
     def _smoothing_is_sigmoid_only(self) -> SimPOSpec:
         if self.loss_type == "hinge" and self.label_smoothing != 0:
-            raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 for hinge")
+            raise ValueError(
+                "label_smoothing applies to the sigmoid loss only; set it to 0 for hinge"
+            )
         return self
 
 
@@ -241,11 +243,25 @@ class SearchSpec(StrictModel):
     )
     metric: str = "eval/rewards/accuracies"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(4, gt=0, description="Samples; with grid domains, repeats of the grid.")
+    num_samples: int = Field(
+        4, gt=0, description="Samples; with grid domains, repeats of the grid."
+    )
     max_concurrent_trials: int = Field(2, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
     seed: int | None = 0
     stages: list[StageSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _algorithm_fits_space(self) -> SearchSpec:
+        spaces = [self.space, *(stage.space for stage in self.stages)]
+        has_grid = any(
+            isinstance(domain, GridDomain) for space in spaces for domain in space.values()
+        )
+        if has_grid and self.algorithm == "optuna":
+            raise ValueError("grid domains need algorithm grid or random; use choice with optuna")
+        if self.stages and self.space:
+            raise ValueError("give either space or stages (each with its own space), not both")
+        return self
 
 
 class ResourcesSpec(StrictModel):
@@ -280,7 +296,12 @@ class TrackingSpec(StrictModel):
 
 class StorageSpec(StrictModel):
     path: str = Field(
-        "simpo_runs", description="Checkpoints and Tune state; shared storage on a multi-node cluster."
+        "simpo_runs",
+        description="Checkpoints and Tune state; shared storage on a multi-node cluster.",
+    )
+    shared_filesystem: bool = Field(
+        False,
+        description="The path is a mount (NFS, EFS, ...) that every node of the cluster sees.",
     )
 
 
@@ -295,6 +316,16 @@ class SweepSpec(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _scheduler_fits_training(self) -> SweepSpec:
+        scheduler = self.search.scheduler
+        if isinstance(scheduler, ASHASpec) and scheduler.grace_period > self.training.max_steps:
+            raise ValueError(
+                f"search.scheduler.grace_period ({scheduler.grace_period} steps) exceeds "
+                f"training.max_steps ({self.training.max_steps}): no trial could ever be stopped"
+            )
+        return self
 
 
 class TrialConfig(StrictModel):

@@ -8,7 +8,6 @@ Translation into Ray Tune domains lives in the service layer: the spec stays fre
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +37,9 @@ def _section_fields(section: str) -> dict[str, Any]:
 
 
 def searchable_paths() -> list[str]:
-    return [f"{section}.{name}" for section in SEARCHABLE_SECTIONS for name in _section_fields(section)]
+    return [
+        f"{section}.{name}" for section in SEARCHABLE_SECTIONS for name in _section_fields(section)
+    ]
 
 
 def resolve_key(key: str) -> str:
@@ -69,9 +70,26 @@ def domain_values_to_check(domain: Any) -> list[Any]:
     raise TypeError(domain)
 
 
+def stage_specs(spec: SweepSpec) -> list[SweepSpec]:
+    """A staged search as one plain spec per stage (fixed values not yet updated); else [spec]."""
+    if not spec.search.stages:
+        return [spec]
+    stages = []
+    for stage in spec.search.stages:
+        search = spec.search.model_copy(
+            update={
+                "space": stage.space,
+                "stages": [],
+                "num_samples": stage.num_samples or spec.search.num_samples,
+            }
+        )
+        stages.append(spec.model_copy(update={"search": search}))
+    return stages
+
+
 def count_trials(spec: SweepSpec) -> int:
-    """Trials the search means: the (deduplicated) grid size times num_samples."""
-    return len(grid_points(spec)) * spec.search.num_samples
+    """Trials the search means: the (deduplicated) grid size times num_samples, over stages."""
+    return sum(len(grid_points(stage)) * stage.search.num_samples for stage in stage_specs(spec))
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -101,7 +119,9 @@ def drop_ineffective(sampled: Mapping[str, Any], spec: SweepSpec) -> dict[str, A
 
 def trial_config(spec: SweepSpec, sampled: Mapping[str, Any]) -> TrialConfig:
     """The spec's fixed sections with a trial's sampled values (keyed by full path) applied."""
-    sections = {name: getattr(spec, name).model_dump() for name in (*SEARCHABLE_SECTIONS, "diagnostics")}
+    sections = {
+        name: getattr(spec, name).model_dump() for name in (*SEARCHABLE_SECTIONS, "diagnostics")
+    }
     for path, value in drop_ineffective(sampled, spec).items():
         section, _, name = path.partition(".")
         sections[section][name] = value
@@ -136,7 +156,3 @@ def describe_domain(domain: Any) -> str:
         return f"int [{domain.low}, {domain.high}]{step}"
     kind = "log-uniform" if isinstance(domain, LogUniformDomain) else "uniform"
     return f"{kind} [{domain.low:g}, {domain.high:g}]{step}"
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,144 @@
+"""simpo-sweep command line: argument parsing, printing and exit codes; the work is in service/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simpo-sweep",
+        description="Hyperparameter sweeps of SimPO preference optimisation on Ray, tracked in MLflow.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def spec_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("spec", help="the sweep's YAML spec")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a spec value, e.g. --set search.num_samples=4 (repeatable)",
+        )
+        return command
+
+    validate = spec_command("validate", "check a spec: every problem at once, with key and line")
+    validate.add_argument("--address", help="also check resources against this Ray cluster")
+
+    run = spec_command("run", "run a sweep here (local Ray) or on the cluster at --address")
+    run.add_argument(
+        "--address", help="Ray cluster address (ray://... is not supported; use HOST:6379 or auto)"
+    )
+
+    resume = commands.add_parser("resume", help="continue a sweep whose driver stopped")
+    resume.add_argument("sweep", help="the sweep's folder, or its id under simpo_runs/")
+    resume.add_argument("--address")
+
+    submit = spec_command("submit", "submit the sweep to a Ray cluster as a Ray Job and return")
+    submit.add_argument(
+        "--address", required=True, help="the cluster's dashboard, http://HEAD:8265"
+    )
+    for name, help_text in (
+        ("status", "a submitted sweep's job status"),
+        ("logs", "a submitted sweep's driver logs"),
+        ("stop", "stop a submitted sweep"),
+    ):
+        job = commands.add_parser(name, help=help_text)
+        job.add_argument("job_id")
+        job.add_argument("--address", required=True)
+        if name == "logs":
+            job.add_argument("--follow", "-f", action="store_true")
+    listing = commands.add_parser("list", help="sweeps submitted to a cluster")
+    listing.add_argument("--address", required=True)
+
+    report = commands.add_parser("report", help="a sweep's trials ranked, with diagnosis and plots")
+    report.add_argument("sweep", help="the sweep's folder, or its id under simpo_runs/")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the plots to MLflow")
+
+    ui = commands.add_parser("ui", help="the MLflow UI on a sweep's tracking store")
+    ui.add_argument("sweep", nargs="?", help="a sweep folder or spec; default: ./simpo_runs")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported here so that `--help` and `validate` answer without loading Ray or torch.
+    from simpo_sweep.spec.loading import SpecError
+
+    try:
+        return _dispatch(args)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        from simpo_sweep.service.errors import USER_ERRORS
+
+        if isinstance(error, USER_ERRORS):
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from simpo_sweep.spec.loading import load_spec
+
+    if args.command == "validate":
+        from simpo_sweep.service.commands import validate
+
+        spec = load_spec(args.spec, args.overrides)
+        print(validate(spec, address=args.address))
+        return EXIT_OK
+    if args.command == "run":
+        from simpo_sweep.service.commands import print_outcome
+        from simpo_sweep.service.sweep import run_sweep
+
+        spec = load_spec(args.spec, args.overrides)
+        text = Path(args.spec).read_text() if not args.overrides else None
+        outcome = run_sweep(spec, spec_text=text, address=args.address)
+        print_outcome(spec, outcome)
+        return EXIT_OK if outcome.status == "completed" else EXIT_FAILED
+    if args.command == "resume":
+        from simpo_sweep.service.commands import print_outcome
+        from simpo_sweep.service.sweep import SPEC_FILE, find_sweep_dir, run_sweep
+
+        sweep_dir = find_sweep_dir(args.sweep)
+        spec = load_spec(sweep_dir / SPEC_FILE)
+        outcome = run_sweep(spec, address=args.address, sweep_id=sweep_dir.name, resume=True)
+        print_outcome(spec, outcome)
+        return EXIT_OK if outcome.status == "completed" else EXIT_FAILED
+    if args.command in {"submit", "status", "logs", "stop", "list"}:
+        from simpo_sweep.service import jobs
+
+        return jobs.cli(args)
+    if args.command == "report":
+        from simpo_sweep.service.report import report
+
+        print(report(args.sweep, log_to_mlflow=not args.no_mlflow))
+        return EXIT_OK
+    if args.command == "ui":
+        from simpo_sweep.service.commands import ui_command
+
+        command = ui_command(args.sweep, host=args.host, port=args.port)
+        print("$ " + " ".join(command))
+        os.execvp(command[0], command)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""What the CLI prints for validate, run and ui."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from simpo_sweep.service.results import format_table
+from simpo_sweep.service.sweep import SweepOutcome, find_sweep_dir, tracking_uri
+from simpo_sweep.spec.loading import SpecError, check_resources, load_spec
+from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.space import count_trials, describe_domain, resolve_key
+
+
+def _local_resources() -> dict[str, float]:
+    cpus = float(os.cpu_count() or 1)
+    gpus = 0.0
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count())
+    except ImportError:
+        pass
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def _cluster_resources(address: str) -> dict[str, float]:
+    import ray
+
+    from simpo_sweep.service.sweep import connect
+
+    connect(address)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return {
+        "CPU": max(node.get("CPU", 0.0) for node in nodes),
+        "GPU": max(node.get("GPU", 0.0) for node in nodes),
+        "total_CPU": sum(node.get("CPU", 0.0) for node in nodes),
+        "total_GPU": sum(node.get("GPU", 0.0) for node in nodes),
+    }
+
+
+def validate(spec: SweepSpec, address: str | None = None) -> str:
+    where = f"the Ray cluster at {address}" if address else "this machine"
+    available = _cluster_resources(address) if address else _local_resources()
+    problems = check_resources(spec, available, where)
+    if problems:
+        raise SpecError("resources", problems)
+    lines = [f"spec OK: sweep '{spec.name}'", "search space:"]
+    for key, domain in spec.search.space.items():
+        lines.append(f"  {resolve_key(key)}: {describe_domain(domain)}")
+    if not spec.search.space:
+        lines.append("  (nothing searched: one configuration)")
+    scheduler = spec.search.scheduler
+    lines += [
+        f"algorithm: {spec.search.algorithm}; scheduler: {scheduler.type}"
+        + (f" (grace period {scheduler.grace_period} steps)" if scheduler.type == "asha" else ""),
+        f"trials: {count_trials(spec)} (grid size x num_samples {spec.search.num_samples}); "
+        f"at most {spec.search.max_concurrent_trials} at once",
+        f"per trial: {spec.resources.num_workers} worker(s) x {spec.resources.cpus_per_worker:g} CPU"
+        + (f", {spec.resources.gpus_per_worker:g} GPU" if spec.resources.gpus_per_worker else ""),
+    ]
+    for index, stage in enumerate(spec.search.stages, start=1):
+        knobs = ", ".join(resolve_key(key) for key in stage.space)
+        lines.append(f"stage {index} '{stage.name}': {knobs}")
+    return "\n".join(lines)
+
+
+def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
+    print()
+    print(format_table(spec, outcome.rows))
+    if outcome.status != "completed":
+        print(
+            f"sweep {outcome.sweep_id} interrupted; continue it with: simpo-sweep resume {outcome.sweep_dir}"
+        )
+        return
+    if outcome.best is None:
+        print(f"sweep {outcome.sweep_id} finished with no usable trial.")
+        return
+    best = outcome.best
+    knobs = ", ".join(f"{name}={value}" for name, value in best.params.items())
+    print(f"best trial {best.trial_id}: {spec.search.metric} = {best.metric:.4f} ({knobs})")
+    for name, path in outcome.files.items():
+        print(f"  {name}: {path}")
+
+
+def ui_command(sweep: str | None, host: str, port: int) -> list[str]:
+    """`mlflow ui` on the tracking store of a sweep folder, a spec, or ./simpo_runs."""
+    if sweep and Path(sweep).is_file():
+        spec = load_spec(sweep)
+    elif sweep:
+        spec = load_spec(find_sweep_dir(sweep) / "spec.yaml")
+    else:
+        spec = SweepSpec(name="default")
+    uri = tracking_uri(spec)
+    if uri is None or not uri.startswith("sqlite:"):
+        raise SpecError("ui", [])
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    return [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]

@@ -1,0 +1,20 @@
+"""Errors that mean bad input or an unreachable dependency: printed as one line, no traceback."""
+
+from __future__ import annotations
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue; the message says why and what to change."""
+
+
+class JobError(RuntimeError):
+    """A Ray Job that cannot be submitted, found or followed."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from simpo_sweep.engine.data import DataError
+
+    return (SweepError, JobError, DataError, FileNotFoundError)
+
+
+USER_ERRORS = _user_errors()

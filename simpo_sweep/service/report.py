@@ -1,0 +1,166 @@
+"""`simpo-sweep report`: a sweep's trials ranked, with diagnosis, plus table and plot files.
+
+The source is the sweep's MLflow runs (what the UI shows): child runs' params, tags
+(state, diagnosis) and metric histories. Plots go to <sweep>/report/ and to the parent run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt
+
+from simpo_sweep.service.errors import SweepError
+from simpo_sweep.service.results import TrialRow, format_table
+from simpo_sweep.service.sweep import SPEC_FILE, find_sweep_dir, tracking_uri
+from simpo_sweep.spec.loading import load_spec
+from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.space import param_name, resolve_key
+from simpo_sweep.tracking.mlflow_runs import (
+    TAG_DIAGNOSIS,
+    TAG_STATE,
+    SweepTracking,
+)
+
+CURVES = {
+    "reward_margins.png": ("train/rewards/margins", "eval/rewards/margins"),
+    "reward_accuracies.png": ("train/rewards/accuracies", "eval/rewards/accuracies"),
+}
+
+
+def _rows_from_mlflow(spec: SweepSpec, tracking: SweepTracking) -> list[TrialRow]:
+    searched = [param_name(resolve_key(key)) for key in spec.search.space]
+    rows = []
+    for trial_id, run in tracking.child_runs().items():
+        metrics = run.data.metrics
+        value = metrics.get(spec.search.metric)
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                state=run.data.tags.get(TAG_STATE, "unfinished"),
+                step=_last_step(tracking, run.info.run_id),
+                metric=float(value) if value is not None and math.isfinite(value) else None,
+                diagnosis=run.data.tags.get(TAG_DIAGNOSIS, ""),
+                params={name: run.data.params.get(name) for name in searched},
+                sampled={},
+                metrics=dict(metrics),
+            )
+        )
+    sign = -1.0 if spec.search.mode == "max" else 1.0
+    usable = {"completed", "stopped_early"}
+    return sorted(
+        rows,
+        key=lambda row: (
+            0 if row.metric is not None and row.state in usable else 1,
+            sign * row.metric if row.metric is not None else 0.0,
+        ),
+    )
+
+
+def _last_step(tracking: SweepTracking, run_id: str) -> int:
+    history = tracking.client.get_metric_history(run_id, "train/loss")
+    return max((metric.step for metric in history), default=0)
+
+
+def _history(tracking: SweepTracking, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted(tracking.client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in points], [m.value for m in points]
+
+
+def plot_curves(spec: SweepSpec, tracking: SweepTracking, out_dir: Path) -> list[Path]:
+    runs = tracking.child_runs()
+    paths = []
+    for file_name, (train_key, eval_key) in CURVES.items():
+        figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for trial_id, run in sorted(runs.items()):
+            for axis, key in zip(axes, (train_key, eval_key), strict=True):
+                steps, values = _history(tracking, run.info.run_id, key)
+                if steps:
+                    axis.plot(
+                        steps, values, label=trial_id, marker="." if key == eval_key else None
+                    )
+        for axis, key in zip(axes, (train_key, eval_key), strict=True):
+            axis.set_title(key)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        axes[1].legend(fontsize=7, loc="best")
+        figure.suptitle(f"{spec.name}: {train_key.split('/', 1)[1]} per trial")
+        figure.tight_layout()
+        path = out_dir / file_name
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def plot_metric_vs_knobs(spec: SweepSpec, rows: list[TrialRow], out_dir: Path) -> list[Path]:
+    paths = []
+    for key in spec.search.space:
+        knob = param_name(resolve_key(key))
+        points = [
+            (row.params.get(knob), row.metric, row.state) for row in rows if row.metric is not None
+        ]
+        if not points:
+            continue
+        figure, axis = plt.subplots(figsize=(6, 4))
+        numeric = all(_is_number(value) for value, _, _ in points)
+        labels = sorted({str(value) for value, _, _ in points})
+        for value, metric, state in points:
+            x = float(str(value)) if numeric else labels.index(str(value))
+            axis.scatter(x, metric, c="tab:red" if state == "degenerate" else "tab:blue")
+        if not numeric:
+            axis.set_xticks(range(len(labels)), labels)
+        elif knob in {"learning_rate"} or _spans_decades(points):
+            axis.set_xscale("log")
+        axis.set_xlabel(knob)
+        axis.set_ylabel(spec.search.metric)
+        axis.grid(alpha=0.3)
+        axis.set_title(f"{spec.search.metric} vs {knob}")
+        figure.tight_layout()
+        path = out_dir / f"metric_vs_{knob.replace('.', '_')}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _spans_decades(points: list[tuple[Any, Any, Any]]) -> bool:
+    values = [float(str(value)) for value, _, _ in points]
+    return min(values) > 0 and max(values) / min(values) >= 100
+
+
+def report(sweep: str, *, log_to_mlflow: bool = True) -> str:
+    sweep_dir = find_sweep_dir(sweep)
+    spec = load_spec(sweep_dir / SPEC_FILE)
+    uri = tracking_uri(spec)
+    if uri is None:
+        table = sweep_dir / "results.md"
+        if not table.is_file():
+            raise SweepError(f"{sweep_dir} has no results yet and tracking is off")
+        return table.read_text()
+    tracking = SweepTracking(uri, spec.tracking.experiment or spec.name, spec.name, sweep_dir.name)
+    rows = _rows_from_mlflow(spec, tracking)
+    if not rows:
+        raise SweepError(f"sweep {sweep_dir.name} has no trials recorded in {uri}")
+    out_dir = sweep_dir / "report"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "results.md").write_text(format_table(spec, rows))
+    plots = plot_curves(spec, tracking, out_dir) + plot_metric_vs_knobs(spec, rows, out_dir)
+    if log_to_mlflow:
+        for path in plots:
+            tracking.client.log_artifact(tracking.parent_run_id, str(path), "plots")
+    listing = "\n".join(f"  {path}" for path in [out_dir / "results.md", *plots])
+    return f"{format_table(spec, rows)}\nfiles:\n{listing}"

@@ -1,0 +1,289 @@
+"""Sweep lifecycle: prepare once, run (or resume) the Tuner, label every trial, write the results.
+
+Layout of a sweep on storage (`storage.path/<sweep id>/`):
+    spec.yaml            the spec as run (overrides applied): what `resume` reads
+    <Tune state>         Tune's experiment state and one folder per trial
+    train/<trial id>/    each trial's Ray Train run and checkpoints
+    results.csv, results.md, best_config.yaml    written at the end
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import ray
+import yaml
+from ray import tune
+
+from simpo_sweep.engine.data import prepare_data
+from simpo_sweep.service.errors import SweepError
+from simpo_sweep.service.progress import SweepProgress, read_final_states
+from simpo_sweep.service.results import (
+    STATE_UNFINISHED,
+    TrialRow,
+    best_row,
+    trial_rows,
+    write_results,
+)
+from simpo_sweep.service.search import param_space, scheduler, search_algorithm
+from simpo_sweep.spec.loading import Problem, SpecError, check_resources
+from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.space import (
+    count_trials,
+    describe_domain,
+    resolve_key,
+    stage_specs,
+    trial_config,
+)
+from simpo_sweep.tracking.mlflow_runs import SweepTracking, default_tracking_uri, is_local_store
+from simpo_sweep.trial.trainable import TrialContext, make_trainable
+
+SPEC_FILE = "spec.yaml"
+REMOTE_STORAGE_SCHEMES = {"s3", "gs", "gcs", "abfs", "az", "hdfs"}
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    sweep_dir: Path
+    status: str  # completed | interrupted
+    rows: list[TrialRow]
+    best: TrialRow | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def new_sweep_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_root(spec: SweepSpec) -> str:
+    """Absolute storage path (URIs kept as they are): Ray workers run in other folders."""
+    if urlparse(spec.storage.path).scheme in REMOTE_STORAGE_SCHEMES:
+        return spec.storage.path
+    return str(Path(spec.storage.path).expanduser().resolve())
+
+
+def tracking_uri(spec: SweepSpec) -> str | None:
+    if not spec.tracking.enabled:
+        return None
+    return spec.tracking.tracking_uri or default_tracking_uri(storage_root(spec))
+
+
+def connect(address: str | None) -> None:
+    """Local Ray by default; an existing cluster when an address is given."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False)
+    except ConnectionError as error:
+        raise SweepError(f"cannot reach the Ray cluster at {address}: {error}") from error
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def check_cluster(spec: SweepSpec, storage: str, uri: str | None) -> None:
+    """Refuse what can never work on the connected cluster, before anything is recorded."""
+    nodes = _alive_nodes()
+    largest = max(nodes, key=lambda node: node["Resources"].get("CPU", 0.0))["Resources"]
+    available = {
+        "CPU": largest.get("CPU", 0.0),
+        "GPU": max(node["Resources"].get("GPU", 0.0) for node in nodes),
+        "total_CPU": sum(node["Resources"].get("CPU", 0.0) for node in nodes),
+        "total_GPU": sum(node["Resources"].get("GPU", 0.0) for node in nodes),
+    }
+    problems = check_resources(spec, available, "the Ray cluster")
+    hosts = {node["NodeManagerAddress"] for node in nodes}
+    if len(hosts) > 1:
+        # Several machines: what trials write must be reachable from every one of them.
+        remote = urlparse(storage).scheme in REMOTE_STORAGE_SCHEMES
+        if not remote and not spec.storage.shared_filesystem:
+            problems.append(
+                Problem(
+                    "storage.path",
+                    f"{storage} is a local path but the cluster spans {len(hosts)} hosts; "
+                    "use storage every node reaches: s3://... or gs://..., or an NFS mount "
+                    "present on every node (then set storage.shared_filesystem: true)",
+                )
+            )
+        if uri is not None and is_local_store(uri):
+            problems.append(
+                Problem(
+                    "tracking.tracking_uri",
+                    f"{uri} is a store on this machine only; workers on other hosts cannot "
+                    "write to it: run `mlflow server` and give its http:// URI",
+                )
+            )
+    if problems:
+        raise SpecError("spec", problems)
+
+
+def _describe_space(spec: SweepSpec) -> str:
+    lines = [
+        f"{resolve_key(key)}: {describe_domain(domain)}"
+        for key, domain in spec.search.space.items()
+    ]
+    lines.append(f"trials: {count_trials(spec)} (algorithm {spec.search.algorithm})")
+    return "\n".join(lines) + "\n"
+
+
+def _tuner(spec: SweepSpec, tune_dir: Path, trainable: Any, progress: SweepProgress) -> tune.Tuner:
+    search = spec.search
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec, search) if search.algorithm != "optuna" else {},
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            search_alg=search_algorithm(spec, search),
+            scheduler=scheduler(spec, search),
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+            time_budget_s=search.time_budget_s,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=tune_dir.name,
+            storage_path=str(tune_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            callbacks=[progress],
+            verbose=0,
+        ),
+    )
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    spec_text: str | None = None,
+    address: str | None = None,
+    sweep_id: str | None = None,
+    resume: bool = False,
+    printer: Printer = print,
+) -> SweepOutcome:
+    """Run (or resume) a sweep; a staged search runs its stages in order, each from the best."""
+    storage = storage_root(spec)
+    sweep_id = sweep_id or new_sweep_id(spec.name)
+    sweep_dir = Path(storage) / sweep_id
+    uri = tracking_uri(spec)
+    connect(address)
+    check_cluster(spec, storage, uri)
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec_yaml = spec_text or yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    if not resume:
+        (sweep_dir / SPEC_FILE).write_text(spec_yaml)
+
+    printer(f"sweep {sweep_id}: preparing data ({spec.data.source}) ...")
+    cache_dir = spec.data.cache_dir or Path(storage) / "data_cache"
+    prepared_path = prepare_data(spec.model, spec.data, cache_dir).path
+    tracking_args = None
+    tracking = None
+    if uri is not None:
+        experiment = spec.tracking.experiment or spec.name
+        tracking_args = (uri, experiment, spec.name, sweep_id)
+        tracking = SweepTracking(*tracking_args)
+        tracking.log_sweep_settings(
+            _sweep_params(spec),
+            {"spec.yaml": spec_yaml, "search_space.txt": _describe_space(spec)},
+        )
+        printer(f"MLflow: {uri} (experiment {experiment}, parent run {tracking.parent_run_id})")
+    printer(f"sweep {sweep_id}: {count_trials(spec)} trials, storage {sweep_dir}")
+
+    stages = stage_specs(spec)
+    rows: list[TrialRow] = []
+    stage_spec = spec
+    for index, stage_spec in enumerate(stages):
+        if len(stages) > 1:
+            stage_spec = _from_best_of(stage_spec, rows, spec)
+            tune_dir = sweep_dir / f"stage{index + 1}-{spec.search.stages[index].name}"
+            printer(f"stage {index + 1}/{len(stages)} '{spec.search.stages[index].name}'")
+        else:
+            tune_dir = sweep_dir
+        context = TrialContext(
+            spec=stage_spec.model_dump(mode="json"),
+            sweep_id=sweep_id,
+            data_path=str(prepared_path),
+            storage_path=str(sweep_dir / "train"),
+            tracking_uri=uri,
+            experiment=spec.tracking.experiment or spec.name,
+        )
+        trainable = make_trainable(context)
+        if tune.Tuner.can_restore(str(tune_dir)):
+            if not resume:
+                raise SweepError(
+                    f"{tune_dir} already holds a sweep; `simpo-sweep resume` continues it"
+                )
+            tuner = tune.Tuner.restore(
+                str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            progress = SweepProgress(stage_spec, sweep_dir, tracking_args, printer)
+            tuner = _tuner(stage_spec, tune_dir, trainable, progress)
+        results = tuner.fit()
+        rows = trial_rows(stage_spec, results, read_final_states(sweep_dir))
+        if any(row.state == STATE_UNFINISHED for row in rows):
+            break
+
+    status = "interrupted" if any(row.state == STATE_UNFINISHED for row in rows) else "completed"
+    files = write_results(stage_spec, rows, sweep_dir)
+    if tracking is not None:
+        tracking.finish(status, {name: path.read_text() for name, path in files.items()})
+    return SweepOutcome(sweep_id, sweep_dir, status, rows, best_row(rows), files)
+
+
+def _from_best_of(stage: SweepSpec, previous: list[TrialRow], spec: SweepSpec) -> SweepSpec:
+    """The stage's spec with its fixed values taken from the previous stage's best trial."""
+    best = best_row(previous)
+    if best is None:
+        return stage
+    resolved = trial_config(spec, best.sampled)
+    return stage.model_copy(
+        update={
+            section: getattr(resolved, section)
+            for section in ("model", "data", "training", "simpo")
+        }
+    )
+
+
+def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
+    search = spec.search
+    return {
+        "sweep.algorithm": search.algorithm,
+        "sweep.scheduler": search.scheduler.type,
+        "sweep.metric": search.metric,
+        "sweep.mode": search.mode,
+        "sweep.num_samples": search.num_samples,
+        "sweep.trials": count_trials(spec),
+        "sweep.max_concurrent_trials": search.max_concurrent_trials,
+        "sweep.searched": ", ".join(resolve_key(key) for key in search.space),
+        "model.name": spec.model.name,
+        "data.source": spec.data.source,
+        "resources.num_workers": spec.resources.num_workers,
+        "resources.cpus_per_worker": spec.resources.cpus_per_worker,
+        "resources.gpus_per_worker": spec.resources.gpus_per_worker,
+    }
+
+
+def find_sweep_dir(sweep: str, storage_path: str = "simpo_runs") -> Path:
+    """A sweep named by its folder, or by its id under the default storage path."""
+    for candidate in (Path(sweep), Path(storage_path) / sweep):
+        if (candidate / SPEC_FILE).is_file():
+            return candidate.resolve()
+    raise SweepError(
+        f"no sweep at {sweep!r}: give the sweep's folder (it holds {SPEC_FILE}) "
+        f"or its id under {storage_path}/"
+    )

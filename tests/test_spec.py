@@ -1,0 +1,222 @@
+"""Spec validation: every rule has its message, its key path and its line; overrides; space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simpo_sweep.cli import main
+from simpo_sweep.spec.loading import Problem, SpecError, check_resources, parse_spec
+from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.space import count_trials, flat_params, grid_points, trial_config
+
+SEARCH_SPACES = Path(__file__).parent.parent / "search_spaces"
+
+
+def problems_of(text: str, overrides: tuple[str, ...] = ()) -> list[Problem]:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(text, "spec.yaml", overrides)
+    return raised.value.problems
+
+
+def only_problem(text: str) -> Problem:
+    problems = problems_of(text)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def test_unknown_key_names_the_nearest_valid_key_and_line() -> None:
+    problem = only_problem("name: s\ntraining:\n  learning_rat: 0.1\n")
+    assert problem.path == "training.learning_rat"
+    assert problem.line == 3
+    assert "did you mean 'learning_rate'" in problem.message
+
+
+def test_unknown_section() -> None:
+    problem = only_problem("name: s\nmodle:\n  name: x\n")
+    assert (problem.path, problem.line) == ("modle", 2)
+    assert "did you mean 'model'" in problem.message
+
+
+def test_wrong_type() -> None:
+    problem = only_problem("name: s\ntraining:\n  max_steps: lots\n")
+    assert (problem.path, problem.line) == ("training.max_steps", 3)
+    assert "integer" in problem.message and "'lots'" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("beta", 0, "greater than 0"),
+        ("beta", -2, "greater than 0"),
+        ("label_smoothing", 0.7, "less than or equal to 0.5"),
+        ("label_smoothing", -0.1, "greater than or equal to 0"),
+        ("sft_weight", -1, "greater than or equal to 0"),
+        ("gamma_beta_ratio", -0.5, "greater than or equal to 0"),
+        ("loss_type", "ipo", "'sigmoid' or 'hinge'"),
+    ],
+)
+def test_impossible_simpo_values(field: str, value: object, expected: str) -> None:
+    problem = only_problem(f"name: s\nsimpo:\n  {field}: {value}\n")
+    assert (problem.path, problem.line) == (f"simpo.{field}", 3)
+    assert expected in problem.message
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("{type: uniform, low: 0.5, high: 0.1}", "low (0.5) must be below high (0.1)"),
+        ("{type: loguniform, low: 0, high: 1}", "log-uniform bounds must be > 0"),
+        ("{type: loguniform, low: -1, high: 1}", "log-uniform bounds must be > 0"),
+        ("{type: int, low: 3, high: 3}", "must be below high"),
+        ("{type: choice, values: []}", "at least 1 item"),
+    ],
+)
+def test_impossible_ranges(domain: str, expected: str) -> None:
+    problem = only_problem(f"name: s\nsearch:\n  space:\n    sft_weight: {domain}\n")
+    assert problem.path.startswith("search.space.sft_weight")
+    assert problem.line == 4
+    assert expected in problem.message
+
+
+@pytest.mark.parametrize(
+    ("key", "domain", "expected"),
+    [
+        ("beta", "{type: uniform, low: 0, high: 5}", "value 0.0 is impossible for simpo.beta"),
+        ("label_smoothing", "{type: uniform, low: 0, high: 0.9}", "0.9 is impossible"),
+        ("gamma_beta_ratio", "{type: grid, values: [-1, 0.5]}", "-1 is impossible"),
+        ("loss_type", "{type: choice, values: [sigmoid, ipo]}", "'ipo' is impossible"),
+        ("learning_rate", "{type: uniform, low: 0, high: 0.1}", "is impossible for training"),
+    ],
+)
+def test_domain_values_must_be_valid_for_their_field(key: str, domain: str, expected: str) -> None:
+    problem = only_problem(f"name: s\nsearch:\n  space:\n    {key}: {domain}\n")
+    assert problem.path == f"search.space.{key}"
+    assert expected in problem.message
+
+
+def test_unknown_space_key() -> None:
+    problem = only_problem("name: s\nsearch:\n  space:\n    betta: {type: choice, values: [1]}\n")
+    assert problem.path == "search.space.betta"
+    assert "not a searchable config field; did you mean 'beta'?" in problem.message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """name: s
+training:
+  max_steps: -3
+  learning_rat: 0.1
+simpo:
+  beta: 0
+search:
+  space:
+    sft_weight: {type: uniform, low: 0.5, high: 0.1}
+  scheduler: {type: asha, grace_period: 0}
+"""
+    paths = {problem.path for problem in problems_of(text)}
+    assert paths == {
+        "training.max_steps",
+        "training.learning_rat",
+        "simpo.beta",
+        "search.space.sft_weight",
+        "search.scheduler.grace_period",
+    }
+
+
+def test_gamma_and_gamma_beta_ratio_are_never_mixed() -> None:
+    problem = only_problem("name: s\nsimpo:\n  gamma: 1.0\n  gamma_beta_ratio: 0.5\n")
+    assert problem.path == "simpo"
+    assert "not both" in problem.message
+
+
+def test_grace_period_longer_than_training() -> None:
+    problem = only_problem(
+        "name: s\ntraining: {max_steps: 50}\nsearch:\n  scheduler: {type: asha, grace_period: 80}\n"
+    )
+    assert "no trial could ever be stopped" in problem.message
+
+
+def test_grid_domains_need_grid_or_random() -> None:
+    problem = only_problem(
+        "name: s\nsearch:\n  algorithm: optuna\n  space:\n    beta: {type: grid, values: [1, 2]}\n"
+    )
+    assert "grid domains need algorithm grid or random" in problem.message
+
+
+def test_fractional_gpus_only_for_single_worker_trials() -> None:
+    problem = only_problem("name: s\nresources: {num_workers: 2, gpus_per_worker: 0.5}\n")
+    assert "fractional gpus_per_worker works for single-worker trials only" in problem.message
+
+
+def test_not_yaml() -> None:
+    problem = only_problem("name: s\ntraining: [unclosed\n")
+    assert "not valid YAML" in problem.message
+
+
+def test_overrides_apply_before_validation() -> None:
+    spec = parse_spec("name: s\n", overrides=("search.num_samples=6", "simpo.beta=4.5"))
+    assert spec.search.num_samples == 6
+    assert spec.simpo.beta == 4.5
+    assert problems_of("name: s\n", ("simpo.beta=-1",))[0].path == "simpo.beta"
+
+
+def test_resources_the_cluster_can_never_satisfy() -> None:
+    spec = SweepSpec(
+        name="s", resources={"num_workers": 2, "cpus_per_worker": 4, "gpus_per_worker": 1}
+    )
+    problems = check_resources(spec, {"CPU": 2, "GPU": 0}, "this machine")
+    messages = " | ".join(problem.message for problem in problems)
+    assert "4 CPUs per worker, but the largest node of this machine has 2" in messages
+    assert "1 GPUs per worker, but the largest node of this machine has 0" in messages
+    assert check_resources(SweepSpec(name="s"), {"CPU": 2, "GPU": 0}, "here") == []
+
+
+def test_grid_size_times_samples_with_ineffective_knobs_collapsed() -> None:
+    spec = parse_spec(
+        """name: s
+search:
+  algorithm: grid
+  num_samples: 2
+  space:
+    loss_type: {type: grid, values: [sigmoid, hinge]}
+    label_smoothing: {type: grid, values: [0.0, 0.1, 0.2]}
+"""
+    )
+    # sigmoid x 3 smoothings + hinge once (label smoothing means nothing for hinge)
+    assert len(grid_points(spec)) == 4
+    assert count_trials(spec) == 8
+
+
+def test_trial_config_applies_sampled_values_and_drops_ineffective_knobs() -> None:
+    spec = SweepSpec(name="s")
+    config = trial_config(
+        spec,
+        {"simpo.loss_type": "hinge", "simpo.label_smoothing": 0.2, "training.learning_rate": 3e-4},
+    )
+    assert config.simpo.loss_type == "hinge"
+    assert config.simpo.label_smoothing == 0.0
+    assert config.training.learning_rate == 3e-4
+    params = flat_params(config)
+    assert params["beta"] == 2.0 and params["learning_rate"] == 3e-4
+    assert params["model.name"] == "builtin:tiny-llama"
+
+
+@pytest.mark.parametrize("path", sorted(SEARCH_SPACES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_validate(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec_resources = parse_spec(path.read_text(), str(path)).resources
+    if spec_resources.gpus_per_worker or spec_resources.cpus_per_worker > 2:
+        parse_spec(path.read_text(), str(path))  # cluster specs: the file itself is valid
+        return
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "spec OK" in out and "trials:" in out
+
+
+def test_validate_command_exit_code_and_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: s\nsimpo:\n  beta: 0\n")
+    assert main(["validate", str(spec)]) == 2
+    assert "line 3: simpo.beta: Input should be greater than 0" in capsys.readouterr().err
