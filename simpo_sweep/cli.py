@@ -11,6 +11,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C; the sweep is resumable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:
         from simpo_sweep.service.errors import USER_ERRORS
 
@@ -112,16 +113,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         text = Path(args.spec).read_text() if not args.overrides else None
         outcome = run_sweep(spec, spec_text=text, address=args.address)
         print_outcome(spec, outcome)
-        return EXIT_OK if outcome.status == "completed" else EXIT_FAILED
+        return EXIT_OK if outcome.status == "completed" else EXIT_INTERRUPTED
     if args.command == "resume":
         from simpo_sweep.service.commands import print_outcome
         from simpo_sweep.service.sweep import SPEC_FILE, find_sweep_dir, run_sweep
 
         sweep_dir = find_sweep_dir(args.sweep)
         spec = load_spec(sweep_dir / SPEC_FILE)
+        # The sweep lives where it was found, whatever folder `resume` is run from.
+        storage = spec.storage.model_copy(update={"path": str(sweep_dir.parent)})
+        spec = spec.model_copy(update={"storage": storage})
         outcome = run_sweep(spec, address=args.address, sweep_id=sweep_dir.name, resume=True)
         print_outcome(spec, outcome)
-        return EXIT_OK if outcome.status == "completed" else EXIT_FAILED
+        return EXIT_OK if outcome.status == "completed" else EXIT_INTERRUPTED
     if args.command in {"submit", "status", "logs", "stop", "list"}:
         from simpo_sweep.service import jobs
 

@@ -86,6 +86,6 @@ def ray_local() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()

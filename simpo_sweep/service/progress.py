@@ -50,6 +50,7 @@ class SweepProgress(Callback):
         self.sign = 1.0 if spec.search.mode == "max" else -1.0
         self.best: tuple[float, str] | None = None
         self.started = time.monotonic()
+        self.max_steps = spec.training.max_steps
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks; clients and the printer are rebuilt where it unpickles.
@@ -121,9 +122,13 @@ class SweepProgress(Callback):
         for trial in trials:
             if trial.trial_id in known:
                 continue
-            if trial.status == "TERMINATED":
-                result = trial.last_result or {}
-                state = final_state(result, self.spec.training.max_steps)
+            result = trial.last_result or {}
+            # A trial stopped by Ctrl-C is TERMINATED too, but it neither finished nor was
+            # stopped by the scheduler (that goes through on_trial_complete): leave it
+            # unrecorded, so that it shows as unfinished and `resume` continues it.
+            finished = result.get("done") or int(result.get(STEP, 0)) >= self.max_steps
+            if trial.status == "TERMINATED" and finished:
+                state = final_state(result, self.max_steps)
                 self._record(trial.trial_id, state, str(result.get(DIAGNOSIS, "")))
             elif trial.status == "ERROR":
                 self._record(trial.trial_id, STATE_FAILED, "failed after retries")

@@ -28,6 +28,8 @@ SUMMARY_METRICS = (
     "eval/logps/chosen",
     "eval/logps/rejected",
     "train/loss",
+    "perf/trial_start_to_first_step_s",
+    "perf/fit_time_s",
 )
 
 

@@ -71,9 +71,12 @@ def param_space(spec: SweepSpec, search: SearchSpec) -> dict[str, Any]:
             fixed = spec.simpo.loss_type
 
             def conditional(
-                resolved: Any, domain: Any = tune_domain, only_for: str = only_for
+                config: dict[str, Any],
+                domain: Any = tune_domain,
+                only_for: str = only_for,
+                fixed: str = fixed,
             ) -> Any:
-                if _loss_type_of(resolved.config, fixed) != only_for:
+                if _loss_type_of(config, fixed) != only_for:
                     return None
                 return domain.sample()
 
@@ -81,15 +84,22 @@ def param_space(spec: SweepSpec, search: SearchSpec) -> dict[str, Any]:
     return space
 
 
-def optuna_space(spec: SweepSpec, search: SearchSpec) -> Any:
-    """A define-by-run Optuna space, so a knob is suggested only where it has an effect."""
-    entries = [(resolve_key(key), domain) for key, domain in search.space.items()]
-    # loss_type first: what is suggested after it depends on it.
-    entries.sort(key=lambda entry: entry[0] != LOSS_TYPE)
+class OptunaSpace:
+    """A define-by-run Optuna space, so a knob is suggested only where it has an effect.
 
-    def define(trial: optuna.Trial) -> None:
-        loss_type = spec.simpo.loss_type
-        for path, domain in entries:
+    A class rather than a closure: Tune pickles the searcher into its experiment state.
+    """
+
+    def __init__(self, spec: SweepSpec, search: SearchSpec):
+        entries = [(resolve_key(key), domain) for key, domain in search.space.items()]
+        # loss_type first: what is suggested after it depends on it.
+        entries.sort(key=lambda entry: entry[0] != LOSS_TYPE)
+        self.entries = entries
+        self.default_loss_type = spec.simpo.loss_type
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        loss_type = self.default_loss_type
+        for path, domain in self.entries:
             only_for = ONLY_FOR_LOSS_TYPE.get(path)
             if only_for is not None and loss_type != only_for:
                 continue
@@ -110,18 +120,19 @@ def optuna_space(spec: SweepSpec, search: SearchSpec) -> Any:
             if path == LOSS_TYPE:
                 loss_type = str(value)
 
-    return define
-
 
 def search_algorithm(spec: SweepSpec, search: SearchSpec) -> Searcher | BasicVariantGenerator:
     if search.algorithm == "optuna":
         return OptunaSearch(
-            space=optuna_space(spec, search),
+            space=OptunaSpace(spec, search),
             metric=search.metric,
             mode=search.mode,
             sampler=optuna.samplers.TPESampler(seed=search.seed),
         )
-    return BasicVariantGenerator(random_state=search.seed)
+    # The generator limits concurrency itself; Tune's max_concurrent_trials only wraps Searchers.
+    return BasicVariantGenerator(
+        random_state=search.seed, max_concurrent=search.max_concurrent_trials or 0
+    )
 
 
 def scheduler(spec: SweepSpec, search: SearchSpec) -> TrialScheduler:

@@ -42,6 +42,7 @@ from simpo_sweep.spec.space import (
     trial_config,
 )
 from simpo_sweep.tracking.mlflow_runs import SweepTracking, default_tracking_uri, is_local_store
+from simpo_sweep.tracking.redact import redact_text
 from simpo_sweep.trial.trainable import TrialContext, make_trainable
 
 SPEC_FILE = "spec.yaml"
@@ -151,7 +152,9 @@ def _tuner(spec: SweepSpec, tune_dir: Path, trainable: Any, progress: SweepProgr
             search_alg=search_algorithm(spec, search),
             scheduler=scheduler(spec, search),
             num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent_trials,
+            max_concurrent_trials=(
+                search.max_concurrent_trials if search.algorithm == "optuna" else None
+            ),
             time_budget_s=search.time_budget_s,
             reuse_actors=True,
         ),
@@ -200,12 +203,13 @@ def run_sweep(
             _sweep_params(spec),
             {"spec.yaml": spec_yaml, "search_space.txt": _describe_space(spec)},
         )
-        printer(f"MLflow: {uri} (experiment {experiment}, parent run {tracking.parent_run_id})")
+        printer(f"MLflow: {redact_text(uri)} (experiment {experiment}, parent run {tracking.parent_run_id})")
     printer(f"sweep {sweep_id}: {count_trials(spec)} trials, storage {sweep_dir}")
 
     stages = stage_specs(spec)
     rows: list[TrialRow] = []
     stage_spec = spec
+    interrupted = False
     for index, stage_spec in enumerate(stages):
         if len(stages) > 1:
             stage_spec = _from_best_of(stage_spec, rows, spec)
@@ -235,14 +239,22 @@ def run_sweep(
             tuner = _tuner(stage_spec, tune_dir, trainable, progress)
         results = tuner.fit()
         rows = trial_rows(stage_spec, results, read_final_states(sweep_dir))
-        if any(row.state == STATE_UNFINISHED for row in rows):
+        # Ctrl-C before every trial started leaves fewer trials than the search asked for.
+        never_started = search_unfinished(stage_spec, len(rows))
+        interrupted = never_started or any(row.state == STATE_UNFINISHED for row in rows)
+        if interrupted:
             break
 
-    status = "interrupted" if any(row.state == STATE_UNFINISHED for row in rows) else "completed"
+    status = "interrupted" if interrupted else "completed"
     files = write_results(stage_spec, rows, sweep_dir)
     if tracking is not None:
         tracking.finish(status, {name: path.read_text() for name, path in files.items()})
     return SweepOutcome(sweep_id, sweep_dir, status, rows, best_row(rows), files)
+
+
+def search_unfinished(spec: SweepSpec, trials_run: int) -> bool:
+    """Fewer trials than the search asks for, and no time budget that explains it."""
+    return spec.search.time_budget_s is None and trials_run < count_trials(spec)
 
 
 def _from_best_of(stage: SweepSpec, previous: list[TrialRow], spec: SweepSpec) -> SweepSpec:

@@ -234,12 +234,15 @@ class MetricLogger:
         finally:
             self.seconds_writing += time.perf_counter() - started
 
+    def flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception as error:  # a tracking hiccup must not kill training
+            log.warning("MLflow flush failed, will retry: %s", error)
+
     def _flush_periodically(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
-            try:
-                self.flush()
-            except Exception as error:  # a tracking hiccup must not kill training
-                log.warning("MLflow flush failed, will retry: %s", error)
+            self.flush_quietly()
 
     def close(self, state: str | None = None, diagnosis: str = "") -> None:
         self._stop.set()

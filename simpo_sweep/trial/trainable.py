@@ -12,6 +12,7 @@ worker group and train with DDP.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class TrialContext:
 
 
 def uses_local_mode(resources: ResourcesSpec) -> bool:
-    return resources.num_workers == 1
+    return resources.num_workers == 1 and resources.single_worker_in_trial
 
 
 def trial_resources(resources: ResourcesSpec) -> dict[str, float]:
@@ -60,6 +61,7 @@ def make_trainable(context: TrialContext) -> Any:
     spec = SweepSpec.model_validate(context.spec)
 
     def run_trial(config: dict[str, Any]) -> None:
+        started_at = time.time()
         trial_id = ray.tune.get_context().get_trial_id()
         resolved = trial_config(spec, sampled_values(config))
         run_id = None
@@ -75,6 +77,8 @@ def make_trainable(context: TrialContext) -> Any:
             "tracking_uri": context.tracking_uri,
             "run_id": run_id,
             "local_mode": local_mode,
+            "trial_started_at": started_at,
+            "metric": spec.search.metric,
         }
         resources = spec.resources
         if local_mode:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ STEP = "step"
 STOP_REASON = "stop_reason"
 VERDICT = "verdict"
 DIAGNOSIS = "diagnosis"
+STARTUP = "perf/trial_start_to_first_step_s"
+FIT_TIME = "perf/fit_time_s"
 
 
 class _RayReporting:
@@ -86,8 +89,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     checkpoint = ray_io.latest_checkpoint()
     last_eval: dict[str, float] = {}
+    # Orchestration overhead, as bench/orchestration.py reads it: the time before the first
+    # optimizer step, and the time spent inside the training loop.
+    timing: dict[str, float] = {}
 
     def on_step(event: StepEvent) -> str | None:
+        now = time.time()
+        if not timing:
+            timing[STARTUP] = now - float(loop_config["trial_started_at"])
+            if logger is not None:
+                logger.log(event.step, {STARTUP: timing[STARTUP]})
+        timing[FIT_TIME] = now - fit_started_at
         if logger is not None:
             logger.log(event.step, event.metrics)
         if event.eval_metrics:
@@ -102,10 +114,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             report = {
                 **event.train_metrics,
                 **last_eval,
+                **timing,
                 STEP: event.step,
                 VERDICT: event.diagnosis.verdict,
                 DIAGNOSIS: event.diagnosis.summary(),
             }
+            # Tune requires the searched metric in every report; a trial stopped as degenerate
+            # before its first evaluation has none, and NaN ranks it last.
+            report.setdefault(loop_config["metric"], float("nan"))
+            if logger is not None and event.checkpoint_dir is not None:
+                # Every step up to a checkpoint is in MLflow before the checkpoint exists: a
+                # retry resumes from it and must find no gap behind it.
+                logger.flush_quietly()
             ray_io.report(report, event.checkpoint_dir)
             if event.checkpoint_dir is not None:
                 shutil.rmtree(event.checkpoint_dir, ignore_errors=True)
@@ -116,6 +136,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(Path(directory))
+            print(f"resumed from the checkpoint of step {trainer.step}", flush=True)
+            if logger is not None:
+                logger.client.set_tag(
+                    loop_config["run_id"], "simpo_sweep.resumed_from_step", str(trainer.step)
+                )
+        fit_started_at = time.time()
         result = trainer.fit(callback=on_step)
         state = "degenerate" if result.stopped_reason else "completed"
         diagnosis = result.stopped_reason or result.diagnosis.summary()

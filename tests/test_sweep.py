@@ -1,0 +1,294 @@
+"""Sweeps on a real local Ray instance, on the built-in demo: search algorithms, ASHA, DDP
+trials, worker failures, interruption and resume, degenerate trials. MLflow is the embedded
+store unless a test says otherwise; test_tracking.py reads the runs back in detail."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from simpo_sweep.service.results import (
+    STATE_COMPLETED,
+    STATE_DEGENERATE,
+    STATE_STOPPED_EARLY,
+)
+from simpo_sweep.service.sweep import SweepOutcome, run_sweep
+from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.tracking.mlflow_runs import TAG_TRIAL_ID, SweepTracking
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def demo_spec(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A short demo sweep; sections given replace (or extend) the defaults."""
+    spec: dict[str, Any] = {
+        "name": "t",
+        "model": {"name": "builtin:tiny-llama"},
+        "data": {"source": "builtin:rule-following", "max_length": 64, "max_prompt_length": 24},
+        "training": {
+            "max_steps": 20,
+            "batch_size": 8,
+            "learning_rate": 3.0e-3,
+            "eval_every": 10,
+            "checkpoint_every": 10,
+        },
+        "search": {"algorithm": "random", "num_samples": 1, "max_concurrent_trials": 2},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "storage": {"path": str(tmp_path / "runs")},
+    }
+    for section, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **value}
+        else:
+            spec[section] = value
+    return spec
+
+
+def sweep(spec: dict[str, Any]) -> SweepOutcome:
+    return run_sweep(SweepSpec.model_validate(spec), printer=lambda _line: None)
+
+
+def child_runs(outcome: SweepOutcome, spec: dict[str, Any]) -> dict[str, Any]:
+    validated = SweepSpec.model_validate(spec)
+    uri = f"sqlite:///{Path(spec['storage']['path']).resolve() / 'mlflow.db'}"
+    return SweepTracking(uri, validated.name, validated.name, outcome.sweep_id).child_runs()
+
+
+def test_grid_search_with_asha_stops_the_bad_learning_rates(tmp_path: Path) -> None:
+    spec = demo_spec(
+        tmp_path,
+        training={"max_steps": 30, "eval_every": 10, "checkpoint_every": 30},
+        search={
+            "algorithm": "grid",
+            "max_concurrent_trials": 2,
+            "space": {"learning_rate": {"type": "grid", "values": [3e-3, 2e-3, 1e-6, 2e-6]}},
+            "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+        },
+    )
+    outcome = sweep(spec)
+    by_lr = {row.params["learning_rate"]: row for row in outcome.rows}
+    assert sorted(by_lr) == [1e-6, 2e-6, 2e-3, 3e-3]
+    # The good learning rates run first and set the bar at the first rung (step 10); the
+    # 1000x lower ones fall under it there and are stopped.
+    for low in (1e-6, 2e-6):
+        assert (by_lr[low].state, by_lr[low].step) == (STATE_STOPPED_EARLY, 10)
+    assert STATE_COMPLETED in {by_lr[3e-3].state, by_lr[2e-3].state}
+    assert outcome.best is not None and outcome.best.params["learning_rate"] > 1e-3
+    # The best configuration is a spec that validates and searches nothing.
+    best = SweepSpec.model_validate(yaml.safe_load((outcome.sweep_dir / "best_config.yaml").read_text()))
+    assert best.search.space == {} and best.training.learning_rate == outcome.best.params["learning_rate"]
+    with (outcome.sweep_dir / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+
+
+def test_random_search_leaves_label_smoothing_unsampled_under_hinge(tmp_path: Path) -> None:
+    spec = demo_spec(
+        tmp_path,
+        training={"max_steps": 10, "eval_every": 10, "checkpoint_every": 10},
+        search={
+            "algorithm": "random",
+            "num_samples": 4,
+            "seed": 3,
+            "space": {
+                "loss_type": {"type": "choice", "values": ["sigmoid", "hinge"]},
+                "label_smoothing": {"type": "uniform", "low": 0.05, "high": 0.3},
+                "beta": {"type": "loguniform", "low": 1.0, "high": 10.0},
+            },
+        },
+    )
+    outcome = sweep(spec)
+    assert len(outcome.rows) == 4
+    loss_types = {row.params["loss_type"] for row in outcome.rows}
+    assert loss_types == {"sigmoid", "hinge"}, f"seed 3 no longer samples both: {loss_types}"
+    for row in outcome.rows:
+        smoothing = row.params["label_smoothing"]
+        if row.params["loss_type"] == "hinge":
+            assert smoothing is None
+        else:
+            assert 0.05 <= smoothing <= 0.3
+        assert 1.0 <= row.params["beta"] <= 10.0
+    assert len({row.params["beta"] for row in outcome.rows}) == 4
+
+
+def test_optuna_tpe_search(tmp_path: Path) -> None:
+    spec = demo_spec(
+        tmp_path,
+        training={"max_steps": 10, "eval_every": 10, "checkpoint_every": 10},
+        search={
+            "algorithm": "optuna",
+            "num_samples": 3,
+            "max_concurrent_trials": 1,
+            "space": {
+                "learning_rate": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
+                "gamma_beta_ratio": {"type": "uniform", "low": 0.0, "high": 1.0, "q": 0.1},
+                "sft_weight": {"type": "choice", "values": [0.0, 0.5]},
+            },
+        },
+    )
+    outcome = sweep(spec)
+    assert [row.state for row in outcome.rows] == [STATE_COMPLETED] * 3
+    for row in outcome.rows:
+        assert 1e-4 <= row.params["learning_rate"] <= 3e-3
+        assert row.params["sft_weight"] in (0.0, 0.5)
+        assert abs(row.params["gamma_beta_ratio"] * 10 - round(row.params["gamma_beta_ratio"] * 10)) < 1e-9
+        assert row.metric is not None
+    runs = child_runs(outcome, spec)
+    assert sorted(runs) == sorted(row.trial_id for row in outcome.rows)
+
+
+def test_two_ddp_workers_match_one_worker(tmp_path: Path) -> None:
+    """batch_size is per worker: 2 workers x 4 pairs see the same global batches as 1 x 8, with
+    gradients and metrics averaged over workers, so the trajectories agree up to float
+    reduction order."""
+    finals = {}
+    for workers in (1, 2):
+        spec = demo_spec(
+            tmp_path / f"w{workers}",
+            training={
+                "max_steps": 10,
+                "batch_size": 8 // workers,
+                "eval_every": 5,
+                "checkpoint_every": 10,
+            },
+            resources={"num_workers": workers, "cpus_per_worker": 1},
+        )
+        outcome = sweep(spec)
+        (row,) = outcome.rows
+        assert row.state == STATE_COMPLETED
+        finals[workers] = row.metrics
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss"):
+        assert finals[2][key] == pytest.approx(finals[1][key], rel=2e-3, abs=2e-4), key
+
+
+def test_nan_configuration_is_stopped_and_labelled_while_the_rest_complete(tmp_path: Path) -> None:
+    spec = demo_spec(
+        tmp_path,
+        training={"max_steps": 20, "eval_every": 10, "checkpoint_every": 20, "max_grad_norm": None},
+        search={
+            "algorithm": "grid",
+            "space": {"learning_rate": {"type": "grid", "values": [3e-3, 1e6]}},
+        },
+    )
+    outcome = sweep(spec)
+    by_lr = {row.params["learning_rate"]: row for row in outcome.rows}
+    healthy, diverged = by_lr[3e-3], by_lr[1e6]
+    assert healthy.state == STATE_COMPLETED and healthy.step == 20
+    assert diverged.state == STATE_DEGENERATE
+    assert diverged.step < 20
+    assert "nan" in diverged.diagnosis.lower() or "inf" in diverged.diagnosis.lower()
+    runs = child_runs(outcome, spec)
+    run = runs[diverged.trial_id]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["simpo_sweep.state"] == STATE_DEGENERATE
+    assert run.data.tags["simpo_sweep.diagnosis"] == diverged.diagnosis
+    assert outcome.best is not None and outcome.best.trial_id == healthy.trial_id
+
+
+def _first_results(storage: Path) -> list[str]:
+    return [
+        line
+        for result_file in storage.rglob("result.json")
+        for line in result_file.read_text().splitlines()
+    ]
+
+
+def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
+    spec = demo_spec(
+        tmp_path,
+        training={"max_steps": 600, "eval_every": 200, "checkpoint_every": 20, "batch_size": 4},
+        resources={"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2},
+    )
+    outcome: list[SweepOutcome] = []
+    runner = threading.Thread(target=lambda: outcome.append(sweep(spec)))
+    runner.start()
+    storage = Path(spec["storage"]["path"])
+    deadline = time.monotonic() + 240
+    # Kill the trial's process (Tune records its pid with every result) once it has
+    # reported a checkpoint.
+    while not _first_results(storage) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    results = _first_results(storage)
+    assert results, "no result before the deadline"
+    os.kill(int(json.loads(results[-1])["pid"]), signal.SIGKILL)
+    runner.join(timeout=400)
+    assert outcome, "the sweep did not finish"
+    (row,) = outcome[0].rows
+    assert row.state == STATE_COMPLETED and row.step == 600
+    (run,) = child_runs(outcome[0], spec).values()
+    resumed_from = int(run.data.tags["simpo_sweep.resumed_from_step"])
+    assert 20 <= resumed_from < 600 and resumed_from % 20 == 0
+    client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
+    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 601)), "steps lost or logged twice across the retry"
+
+
+@pytest.fixture
+def cli_env() -> Iterator[dict[str, str]]:
+    yield {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    spec = demo_spec(
+        tmp_path,
+        training={"max_steps": 150, "eval_every": 50, "checkpoint_every": 25},
+        search={
+            "algorithm": "grid",
+            "max_concurrent_trials": 1,
+            "space": {"beta": {"type": "grid", "values": [2.0, 4.0, 8.0]}},
+        },
+    )
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    cli = [sys.executable, "-m", "simpo_sweep.cli"]
+    log = (tmp_path / "run.log").open("w")
+    process = subprocess.Popen(
+        [*cli, "run", str(spec_path)], stdout=log, stderr=subprocess.STDOUT, env=cli_env
+    )
+    storage = Path(spec["storage"]["path"])
+    deadline = time.monotonic() + 300
+    # Interrupt once the first trial has finished and the second has checkpointed.
+    while time.monotonic() < deadline and process.poll() is None:
+        states = list(storage.glob("*/trial_states.json"))
+        if states and len(list(storage.rglob("checkpoint_*"))) >= 2:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130, (tmp_path / "run.log").read_text()[-3000:]
+    (sweep_dir,) = [path.parent for path in storage.glob("*/spec.yaml")]
+    finished_before = set(yaml.safe_load((sweep_dir / "trial_states.json").read_text()))
+    assert 1 <= len(finished_before) < 3
+    assert "simpo-sweep resume" in (tmp_path / "run.log").read_text()
+
+    resumed = subprocess.run(
+        [*cli, "resume", str(sweep_dir)], capture_output=True, text=True, env=cli_env, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for trial_id in finished_before:
+        assert f"{trial_id} started" not in resumed.stdout, f"{trial_id} ran again"
+    with (sweep_dir / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["state"] for row in rows) == [STATE_COMPLETED] * 3
+    client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("t").experiment_id)
+    trial_ids = [run.data.tags[TAG_TRIAL_ID] for run in runs]
+    assert sorted(trial_ids) == sorted([*(row["trial_id"] for row in rows), "sweep"])
+    for run in runs:
+        if run.data.tags[TAG_TRIAL_ID] == "sweep":
+            continue
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(1, 151)), run.data.tags[TAG_TRIAL_ID]
