@@ -116,13 +116,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK if outcome.status == "completed" else EXIT_INTERRUPTED
     if args.command == "resume":
         from simpo_sweep.service.commands import print_outcome
-        from simpo_sweep.service.sweep import SPEC_FILE, find_sweep_dir, run_sweep
+        from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, run_sweep
 
         sweep_dir = find_sweep_dir(args.sweep)
-        spec = load_spec(sweep_dir / SPEC_FILE)
-        # The sweep lives where it was found, whatever folder `resume` is run from.
-        storage = spec.storage.model_copy(update={"path": str(sweep_dir.parent)})
-        spec = spec.model_copy(update={"storage": storage})
+        spec = load_sweep_spec(sweep_dir)
         outcome = run_sweep(spec, address=args.address, sweep_id=sweep_dir.name, resume=True)
         print_outcome(spec, outcome)
         return EXIT_OK if outcome.status == "completed" else EXIT_INTERRUPTED

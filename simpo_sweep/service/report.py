@@ -17,8 +17,7 @@ import matplotlib.pyplot as plt
 
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.results import TrialRow, format_table
-from simpo_sweep.service.sweep import SPEC_FILE, find_sweep_dir, tracking_uri
-from simpo_sweep.spec.loading import load_spec
+from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, tracking_uri
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import param_name, resolve_key
 from simpo_sweep.tracking.mlflow_runs import (
@@ -142,9 +141,28 @@ def _spans_decades(points: list[tuple[Any, Any, Any]]) -> bool:
     return min(values) > 0 and max(values) / min(values) >= 100
 
 
+def write_report(
+    spec: SweepSpec, sweep_dir: Path, tracking: SweepTracking, *, log_to_mlflow: bool = True
+) -> tuple[str, list[Path]]:
+    """The ranking from MLflow, the table and plots under <sweep>/report/, the plots logged to
+    the parent run. Returns the table and the files."""
+    rows = _rows_from_mlflow(spec, tracking)
+    if not rows:
+        raise SweepError(f"sweep {sweep_dir.name} has no trials recorded in MLflow")
+    out_dir = sweep_dir / "report"
+    out_dir.mkdir(exist_ok=True)
+    table = format_table(spec, rows)
+    (out_dir / "results.md").write_text(table)
+    plots = plot_curves(spec, tracking, out_dir) + plot_metric_vs_knobs(spec, rows, out_dir)
+    if log_to_mlflow:
+        for path in plots:
+            tracking.client.log_artifact(tracking.parent_run_id, str(path), "plots")
+    return table, [out_dir / "results.md", *plots]
+
+
 def report(sweep: str, *, log_to_mlflow: bool = True) -> str:
     sweep_dir = find_sweep_dir(sweep)
-    spec = load_spec(sweep_dir / SPEC_FILE)
+    spec = load_sweep_spec(sweep_dir)
     uri = tracking_uri(spec)
     if uri is None:
         table = sweep_dir / "results.md"
@@ -152,15 +170,6 @@ def report(sweep: str, *, log_to_mlflow: bool = True) -> str:
             raise SweepError(f"{sweep_dir} has no results yet and tracking is off")
         return table.read_text()
     tracking = SweepTracking(uri, spec.tracking.experiment or spec.name, spec.name, sweep_dir.name)
-    rows = _rows_from_mlflow(spec, tracking)
-    if not rows:
-        raise SweepError(f"sweep {sweep_dir.name} has no trials recorded in {uri}")
-    out_dir = sweep_dir / "report"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "results.md").write_text(format_table(spec, rows))
-    plots = plot_curves(spec, tracking, out_dir) + plot_metric_vs_knobs(spec, rows, out_dir)
-    if log_to_mlflow:
-        for path in plots:
-            tracking.client.log_artifact(tracking.parent_run_id, str(path), "plots")
-    listing = "\n".join(f"  {path}" for path in [out_dir / "results.md", *plots])
-    return f"{format_table(spec, rows)}\nfiles:\n{listing}"
+    table, files = write_report(spec, sweep_dir, tracking, log_to_mlflow=log_to_mlflow)
+    listing = "\n".join(f"  {path}" for path in files)
+    return f"{table}\nfiles:\n{listing}"

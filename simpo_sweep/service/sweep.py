@@ -32,7 +32,7 @@ from simpo_sweep.service.results import (
     write_results,
 )
 from simpo_sweep.service.search import param_space, scheduler, search_algorithm
-from simpo_sweep.spec.loading import Problem, SpecError, check_resources
+from simpo_sweep.spec.loading import Problem, SpecError, check_resources, load_spec
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import (
     count_trials,
@@ -248,7 +248,20 @@ def run_sweep(
     status = "interrupted" if interrupted else "completed"
     files = write_results(stage_spec, rows, sweep_dir)
     if tracking is not None:
-        tracking.finish(status, {name: path.read_text() for name, path in files.items()})
+        from simpo_sweep.service.report import write_report  # report builds on this module
+
+        if rows:
+            files.update(
+                (f"report/{path.name}", path) for path in write_report(spec, sweep_dir, tracking)[1]
+            )
+        tracking.finish(
+            status,
+            {
+                name: path.read_text()
+                for name, path in files.items()
+                if path.suffix in {".md", ".csv", ".yaml"} and "/" not in name
+            },
+        )
     return SweepOutcome(sweep_id, sweep_dir, status, rows, best_row(rows), files)
 
 
@@ -288,6 +301,14 @@ def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
         "resources.cpus_per_worker": spec.resources.cpus_per_worker,
         "resources.gpus_per_worker": spec.resources.gpus_per_worker,
     }
+
+
+def load_sweep_spec(sweep_dir: Path) -> SweepSpec:
+    """The spec a sweep ran with; its storage is where the sweep was found, whatever the
+    current folder (the spec may hold a relative path)."""
+    spec = load_spec(sweep_dir / SPEC_FILE)
+    storage = spec.storage.model_copy(update={"path": str(sweep_dir.parent)})
+    return spec.model_copy(update={"storage": storage})
 
 
 def find_sweep_dir(sweep: str, storage_path: str = "simpo_runs") -> Path:

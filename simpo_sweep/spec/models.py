@@ -244,12 +244,24 @@ class SearchSpec(StrictModel):
     metric: str = "eval/rewards/accuracies"
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(
-        4, gt=0, description="Samples; with grid domains, repeats of the grid."
+        4,
+        gt=0,
+        description=(
+            "Samples; with grid domains, repeats of the grid. Default 4, or 1 when the "
+            "algorithm is grid (a grid is usually meant once)."
+        ),
     )
     max_concurrent_trials: int = Field(2, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
     seed: int | None = 0
     stages: list[StageSpec] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_runs_once_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("algorithm") == "grid":
+            return {"num_samples": 1, **data}
+        return data
 
     @model_validator(mode="after")
     def _algorithm_fits_space(self) -> SearchSpec:

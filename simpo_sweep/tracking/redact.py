@@ -21,6 +21,11 @@ SECRET_KEY = re.compile(
 URI_PASSWORD = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@", re.I
 )
+# ?token=... and the like in URLs (signed URLs, hub links with access tokens)
+QUERY_SECRET = re.compile(
+    r"(?P<name>[?&][\w.-]*(?:token|key|sig|signature|password|secret|credential)=)[^&\s#]+",
+    re.I,
+)
 # Values too short to be secrets would redact ordinary words.
 MIN_SECRET_LENGTH = 6
 
@@ -41,6 +46,7 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def redact_text(text: str, secrets: list[str] | None = None) -> str:
     text = URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    text = QUERY_SECRET.sub(lambda m: f"{m['name']}{REDACTED}", text)
     for secret in secret_values() if secrets is None else secrets:
         text = text.replace(secret, REDACTED)
     return text

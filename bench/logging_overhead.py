@@ -1,0 +1,148 @@
+"""What MLflow logging costs a training step.
+
+Trains the quickstart's demo model for the same steps three ways, in one process, alternating
+runs so that drift on the machine hits all alike:
+  none        no tracking;
+  sqlite      the embedded default store (sqlite:///.../mlflow.db);
+  server      a `mlflow server` on loopback started here (what a cluster uses);
+every metric of every step logged through MetricLogger (buffered, written by a background
+thread). Prints the median step time of each and the overhead against `none`; the goal is
+under 2%.
+
+    python bench/logging_overhead.py [--steps 200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from simpo_sweep.engine.data import prepare_data
+from simpo_sweep.engine.models import load_model, load_tokenizer
+from simpo_sweep.engine.train import SimPOTrainer, StepEvent
+from simpo_sweep.spec.loading import load_spec
+from simpo_sweep.tracking.mlflow_runs import MetricLogger
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    process = subprocess.Popen(
+        [
+            mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+            "--default-artifact-root", str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(180):
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return process, uri
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def timed_run(
+    spec_path: Path, steps: int, data_cache: Path, uri: str | None
+) -> tuple[float, float]:
+    """Median step time (s) of a run, the logger's writes included where there is one, and
+    the seconds its writer thread spent writing."""
+    spec = load_spec(spec_path, [f"training.max_steps={steps}", f"training.eval_every={steps}"])
+    prepared = prepare_data(spec.model, spec.data, data_cache)
+    tokenizer = load_tokenizer(spec.model)
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = load_model(spec.model, tokenizer, device)
+    trainer = SimPOTrainer(
+        model,
+        prepared.train,
+        prepared.eval,
+        training=spec.training,
+        simpo=spec.simpo,
+        diagnostics=spec.diagnostics,
+        pad_token_id=int(tokenizer.pad_token_id),
+        device=device,
+    )
+    logger = None
+    if uri is not None:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("bench") or client.get_experiment(
+            client.create_experiment("bench")
+        )
+        logger = MetricLogger(uri, client.create_run(experiment.experiment_id).info.run_id)
+    log: Callable[[StepEvent], None] = (
+        (lambda event: logger.log(event.step, event.metrics)) if logger else (lambda event: None)
+    )
+    stamps: list[float] = []
+
+    def on_step(event: StepEvent) -> None:
+        log(event)
+        stamps.append(time.perf_counter())
+
+    trainer.fit(callback=on_step)
+    writing = 0.0
+    if logger is not None:
+        logger.close("completed", "bench")
+        writing = logger.seconds_writing
+    # Wall time between steps: whatever logging steals from training shows here.
+    gaps = [later - earlier for earlier, later in zip(stamps[10:], stamps[11:], strict=False)]
+    return statistics.median(gaps), writing / (stamps[-1] - stamps[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=ROOT / "search_spaces" / "quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as a trial with one CPU runs
+    root = Path(tempfile.mkdtemp(prefix="simpo-logbench-"))
+    server, server_uri = start_server(root)
+    try:
+        uris = {"none": None, "sqlite": f"sqlite:///{root / 'local.db'}", "server": server_uri}
+        times: dict[str, list[float]] = {name: [] for name in uris}
+        writer_share: dict[str, list[float]] = {name: [] for name in uris}
+        timed_run(args.spec, 20, root / "data", None)  # warm-up: data cache, imports
+        for _ in range(args.repeats):
+            for name, uri in uris.items():
+                step, share = timed_run(args.spec, args.steps, root / "data", uri)
+                times[name].append(step)
+                writer_share[name].append(share)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+    # The fastest of the repeats: the machine's other load only ever adds time.
+    base = min(times["none"])
+    print(f"\n{args.steps} steps x {args.repeats} runs each, demo model, 1 thread\n")
+    print(f"{'tracking':10}{'step ms':>10}{'overhead':>10}{'writer busy':>13}")
+    for name, samples in times.items():
+        step = min(samples)
+        busy = statistics.median(writer_share[name])
+        print(f"{name:10}{step * 1000:10.2f}{(step - base) / base:>+10.1%}{busy:>13.1%}")
+    print("\nwriter busy: share of the training time the background writer spent in MLflow")
+
+
+if __name__ == "__main__":
+    main()

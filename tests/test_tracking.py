@@ -1,0 +1,279 @@
+"""What a sweep leaves in MLflow, read back through MLflow's client from a real `mlflow server`
+on loopback: nesting, params, metric histories, states and statuses, artifacts, the report,
+and no secret anywhere. (The embedded default store is read back in test_sweep.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from simpo_sweep.service.results import STATE_COMPLETED, STATE_DEGENERATE, STATE_STOPPED_EARLY
+from simpo_sweep.service.sweep import SweepOutcome, run_sweep
+from simpo_sweep.spec.loading import parse_spec
+from simpo_sweep.tracking.mlflow_runs import (
+    TAG_DIAGNOSIS,
+    TAG_PARENT,
+    TAG_STATE,
+    TAG_TRIAL_ID,
+    MetricLogger,
+)
+from simpo_sweep.tracking.redact import redact
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+URI_PASSWORD = "uri-pw-8d1f2a"
+ENV_TOKEN = "hf_envtoken_5be7c9d1"
+SPEC_TOKEN = "sig-4c2e9a77"
+MAX_STEPS = 20
+
+
+@dataclass
+class RecordedSweep:
+    outcome: SweepOutcome
+    client: MlflowClient
+    parent: Run
+    children: dict[str, Run]  # by trial state
+    stdout: str
+
+
+SPEC = """
+name: tracked
+model: {{name: "builtin:tiny-llama"}}
+data:
+  source: "builtin:rule-following"
+  max_length: 64
+  max_prompt_length: 24
+  # where the real data lives: https://data.example/prefs.jsonl?token={spec_token}
+training: {{max_steps: {max_steps}, batch_size: 8, eval_every: 10, checkpoint_every: 10}}
+simpo: {{beta: 2.5, gamma_beta_ratio: 0.5, sft_weight: 0.1}}
+search:
+  algorithm: grid
+  num_samples: 1
+  max_concurrent_trials: 1
+  scheduler: {{type: asha, grace_period: 10, reduction_factor: 2}}
+  space:
+    learning_rate: {{type: grid, values: [3.0e-3, 1.0e-6, 1.0e+6]}}
+resources: {{num_workers: 1, cpus_per_worker: 1}}
+tracking:
+  tracking_uri: "{uri}"
+  experiment: tracked-sweeps
+storage: {{path: "{storage}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def recorded(
+    mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RecordedSweep]:
+    """One sweep, three trials in a fixed order: a good learning rate (completes), one 1e6x
+    too low (ASHA stops it at step 10 under the bar the first set), one that diverges."""
+    storage = tmp_path_factory.mktemp("tracked")
+    host = mlflow_server.removeprefix("http://")
+    text = SPEC.format(
+        spec_token=SPEC_TOKEN,
+        max_steps=MAX_STEPS,
+        uri=f"http://simpo:{URI_PASSWORD}@{host}",
+        storage=storage,
+    )
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
+    printed: list[str] = []
+    try:
+        outcome = run_sweep(parse_spec(text), spec_text=text, printer=printed.append)
+    finally:
+        monkeypatch.undo()
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tracked-sweeps")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [run for run in runs if run.data.tags[TAG_TRIAL_ID] == "sweep"]
+    children = {
+        run.data.tags[TAG_STATE]: run for run in runs if run.data.tags[TAG_TRIAL_ID] != "sweep"
+    }
+    yield RecordedSweep(outcome, client, parent, children, "\n".join(printed))
+
+
+def test_one_child_run_per_trial_nested_under_the_sweep(recorded: RecordedSweep) -> None:
+    assert len(recorded.children) == 3
+    assert sorted(run.data.tags[TAG_TRIAL_ID] for run in recorded.children.values()) == sorted(
+        row.trial_id for row in recorded.outcome.rows
+    )
+    for run in recorded.children.values():
+        # mlflow.parentRunId is what the UI nests by.
+        assert run.data.tags[TAG_PARENT] == recorded.parent.info.run_id
+        assert run.data.tags["simpo_sweep.sweep_id"] == recorded.outcome.sweep_id
+
+
+def test_child_params_are_the_full_resolved_config_with_flat_names(
+    recorded: RecordedSweep,
+) -> None:
+    params = recorded.children[STATE_COMPLETED].data.params
+    assert float(params["learning_rate"]) == 3e-3
+    assert float(params["beta"]) == 2.5
+    assert float(params["gamma_beta_ratio"]) == 0.5
+    assert params["loss_type"] == "sigmoid"
+    assert float(params["label_smoothing"]) == 0.0
+    assert float(params["sft_weight"]) == 0.1
+    assert int(params["max_steps"]) == MAX_STEPS
+    assert params["model.name"] == "builtin:tiny-llama"
+    assert int(params["data.max_length"]) == 64
+
+
+def test_trial_states_diagnoses_and_mlflow_statuses(recorded: RecordedSweep) -> None:
+    expected = {
+        STATE_COMPLETED: "FINISHED",
+        STATE_STOPPED_EARLY: "KILLED",
+        STATE_DEGENERATE: "KILLED",
+    }
+    assert {state: run.info.status for state, run in recorded.children.items()} == expected
+    diverged = recorded.children[STATE_DEGENERATE]
+    assert float(diverged.data.params["learning_rate"]) == 1e6
+    assert "diverged" in diverged.data.tags[TAG_DIAGNOSIS]
+    assert float(recorded.children[STATE_STOPPED_EARLY].data.params["learning_rate"]) == 1e-6
+    assert recorded.parent.info.status == "FINISHED"
+    assert recorded.parent.data.tags["simpo_sweep.status"] == "completed"
+
+
+def test_metric_histories_per_step_under_simpo_names(recorded: RecordedSweep) -> None:
+    run_id = recorded.children[STATE_COMPLETED].info.run_id
+
+    def steps(key: str) -> list[int]:
+        return [metric.step for metric in recorded.client.get_metric_history(run_id, key)]
+
+    for key in (
+        "train/loss",
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/logits/chosen",
+        "train/logits/rejected",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+    ):
+        assert steps(key) == list(range(1, MAX_STEPS + 1)), key
+    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"):
+        assert steps(key) == [10, 20], key
+    stopped = recorded.children[STATE_STOPPED_EARLY].info.run_id
+    stopped_steps = [m.step for m in recorded.client.get_metric_history(stopped, "train/loss")]
+    assert stopped_steps == list(range(1, 11))
+
+
+def test_parent_run_holds_spec_space_results_and_plots(recorded: RecordedSweep) -> None:
+    parent = recorded.parent
+    assert parent.data.params["sweep.algorithm"] == "grid"
+    assert parent.data.params["sweep.scheduler"] == "asha"
+    assert int(parent.data.params["sweep.trials"]) == 3
+    names = {
+        item.path
+        for folder in ("", "plots")
+        for item in recorded.client.list_artifacts(parent.info.run_id, folder or None)
+    }
+    for expected in (
+        "spec.yaml",
+        "search_space.txt",
+        "results.md",
+        "results.csv",
+        "best_config.yaml",
+        "plots/reward_margins.png",
+        "plots/reward_accuracies.png",
+        "plots/metric_vs_learning_rate.png",
+    ):
+        assert expected in names, f"{expected} not in {sorted(names)}"
+    best = yaml.safe_load(
+        Path(recorded.client.download_artifacts(parent.info.run_id, "best_config.yaml")).read_text()
+    )
+    assert best["training"]["learning_rate"] == 3e-3
+
+
+def _all_recorded_text(recorded: RecordedSweep, tmp_path: Path) -> str:
+    parts = [recorded.stdout]
+    for run in [recorded.parent, *recorded.children.values()]:
+        parts += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+        local = Path(recorded.client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+        parts += [path.read_text(errors="replace") for path in local.rglob("*") if path.is_file()]
+    sweep_dir = recorded.outcome.sweep_dir
+    parts += [(sweep_dir / name).read_text() for name in ("results.md", "results.csv")]
+    return "\n".join(parts)
+
+
+def test_no_secret_reaches_params_tags_artifacts_or_output(
+    recorded: RecordedSweep, tmp_path: Path
+) -> None:
+    text = _all_recorded_text(recorded, tmp_path)
+    assert "spec.yaml" in text or "learning_rate" in text  # the scan did read something
+    for secret in (URI_PASSWORD, ENV_TOKEN, SPEC_TOKEN):
+        assert secret not in text
+    # The spec artifact is still the spec, with the secrets masked in place.
+    spec_artifact = Path(
+        recorded.client.download_artifacts(recorded.parent.info.run_id, "spec.yaml", str(tmp_path))
+    ).read_text()
+    assert f"simpo:***@" in spec_artifact and "?token=***" in spec_artifact
+
+
+def test_redact_masks_secret_keys_env_values_and_uri_passwords(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "k-0123456789")
+    document: dict[str, Any] = {
+        "hub_token": "hf_abcdefgh",
+        "tokenizer": "meta-llama/Llama-3-8B",  # a key that merely contains 'token'
+        "max_tokens": 512,
+        "note": "uses k-0123456789 for logging",
+        "db": "postgresql://mlflow:hunter2pw@db:5432/mlflow",
+    }
+    assert redact(document) == {
+        "hub_token": "***",
+        "tokenizer": "meta-llama/Llama-3-8B",
+        "max_tokens": 512,
+        "note": "uses *** for logging",
+        "db": "postgresql://mlflow:***@db:5432/mlflow",
+    }
+
+
+def test_report_command_ranks_trials_and_writes_plots(recorded: RecordedSweep) -> None:
+    sweep_dir = recorded.outcome.sweep_dir
+    result = subprocess.run(
+        [sys.executable, "-m", "simpo_sweep.cli", "report", str(sweep_dir), "--no-mlflow"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",  # the sweep is found by its folder, whatever the current one
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert lines[1].split("|")[3].strip() == STATE_COMPLETED  # rank 1, under the header
+    assert "diverged" in result.stdout
+    for name in ("reward_margins.png", "reward_accuracies.png"):
+        plot = sweep_dir / "report" / name
+        assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metric_logger_skips_steps_the_run_already_holds(mlflow_server: str) -> None:
+    """A retried attempt replays steps after its checkpoint; the run keeps one point each."""
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("logger-replay")
+    run_id = client.create_run(experiment).info.run_id
+    first = MetricLogger(mlflow_server, run_id)
+    for step in range(1, 8):
+        first.log(step, {"train/loss": 1.0 / step})
+    first.close()
+    retry = MetricLogger(mlflow_server, run_id)
+    for step in range(5, 11):  # resumed from a checkpoint at step 4
+        retry.log(step, {"train/loss": 1.0 / step})
+    retry.close("completed", "healthy")
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(metric.step for metric in history) == list(range(1, 11))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[TAG_STATE] == "completed"
