@@ -15,6 +15,7 @@ under 2%.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import socket
 import statistics
@@ -45,9 +46,18 @@ def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     process = subprocess.Popen(
         [
-            mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-            "--default-artifact-root", str(root / "artifacts"),
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--default-artifact-root",
+            str(root / "artifacts"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -106,7 +116,7 @@ def timed_run(
         logger.close("completed", "bench")
         writing = logger.seconds_writing
     # Wall time between steps: whatever logging steals from training shows here.
-    gaps = [later - earlier for earlier, later in zip(stamps[10:], stamps[11:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(stamps[10:])]
     return statistics.median(gaps), writing / (stamps[-1] - stamps[0])
 
 

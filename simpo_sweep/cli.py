@@ -17,7 +17,9 @@ EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C; the sweep is resumable
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simpo-sweep",
-        description="Hyperparameter sweeps of SimPO preference optimisation on Ray, tracked in MLflow.",
+        description=(
+            "Hyperparameter sweeps of SimPO preference optimisation on Ray, tracked in MLflow."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -4,6 +4,8 @@ and no secret anywhere. (The embedded default store is read back in test_sweep.p
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from simpo_sweep.tracking.mlflow_runs import (
     TAG_STATE,
     TAG_TRIAL_ID,
     MetricLogger,
+    SweepTracking,
 )
 from simpo_sweep.tracking.redact import redact
 
@@ -163,7 +166,12 @@ def test_metric_histories_per_step_under_simpo_names(recorded: RecordedSweep) ->
         "perf/step_time_s",
     ):
         assert steps(key) == list(range(1, MAX_STEPS + 1)), key
-    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"):
+    for key in (
+        "eval/loss",
+        "eval/rewards/margins",
+        "eval/rewards/accuracies",
+        "eval/logps/chosen",
+    ):
         assert steps(key) == [10, 20], key
     stopped = recorded.children[STATE_STOPPED_EARLY].info.run_id
     stopped_steps = [m.step for m in recorded.client.get_metric_history(stopped, "train/loss")]
@@ -219,7 +227,7 @@ def test_no_secret_reaches_params_tags_artifacts_or_output(
     spec_artifact = Path(
         recorded.client.download_artifacts(recorded.parent.info.run_id, "spec.yaml", str(tmp_path))
     ).read_text()
-    assert f"simpo:***@" in spec_artifact and "?token=***" in spec_artifact
+    assert "simpo:***@" in spec_artifact and "?token=***" in spec_artifact
 
 
 def test_redact_masks_secret_keys_env_values_and_uri_passwords(
@@ -277,3 +285,41 @@ def test_metric_logger_skips_steps_the_run_already_holds(mlflow_server: str) -> 
     assert sorted(metric.step for metric in history) == list(range(1, 11))
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[TAG_STATE] == "completed"
+
+
+def test_ui_serves_the_embedded_store_of_a_sweep(tmp_path: Path) -> None:
+    from conftest import _wait_http, free_port
+
+    sweep_dir = tmp_path / "runs" / "demo-1"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "spec.yaml").write_text("name: demo\n")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    tracking = SweepTracking(uri, "demo", "demo", "demo-1")
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "simpo_sweep.cli", "ui", str(sweep_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # mlflow's web workers go down with it
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", 180, ui)
+        served = MlflowClient(f"http://127.0.0.1:{port}")
+        assert served.get_run(tracking.parent_run_id).data.tags[TAG_TRIAL_ID] == "sweep"
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
+def test_ui_points_at_the_server_of_a_server_tracked_sweep(recorded: RecordedSweep) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "simpo_sweep.cli", "ui", str(recorded.outcome.sweep_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "open that server's UI" in result.stderr and URI_PASSWORD not in result.stderr

@@ -15,6 +15,8 @@ Two layouts, same sequence order (chosen of every pair, then rejected of every p
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,14 +24,20 @@ from typing import Literal
 import torch
 
 IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 # Attention implementations whose packed cost is per sequence: pack everything into one row.
-VARLEN_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3", "flex_attention"})
+# "torch_varlen" is this project's (engine.logps.register_torch_varlen_attention): torch's own
+# flash kernel for variable-length batches, no flash-attn package needed.
+VARLEN_ATTENTION = frozenset(
+    {"flash_attention_2", "flash_attention_3", "flex_attention", "torch_varlen"}
+)
 # Implementations that honour packed position ids through a dense block-diagonal mask
 # (checked in tests/test_logps_paths.py): pack into rows bounded by the longest sequence.
 DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
 
 Layout = Literal["packed_one_row", "packed_rows", "padded"]
+PaddingFree = Literal["auto", "on", "off"]
 
 
 def packing_layout(attn_implementation: str | None) -> Layout:
@@ -39,6 +47,40 @@ def packing_layout(attn_implementation: str | None) -> Layout:
     if attn_implementation in DENSE_MASK_ATTENTION:
         return "packed_rows"
     return "padded"
+
+
+def choose_layout(padding_free: PaddingFree, attn_implementation: str | None) -> Layout:
+    """The layout a trainer collates in (TrainingSpec.padding_free), logged with the reason.
+
+    `auto` packs exactly where `packing_layout` knows the attention honours packed position
+    ids and pads otherwise; `on` insists on packing and refuses an attention implementation
+    that might silently attend across sequence boundaries; `off` always pads.
+    """
+    if padding_free == "off":
+        layout: Layout = "padded"
+        reason = "padding_free=off"
+    else:
+        layout = packing_layout(attn_implementation)
+        if layout == "padded":
+            if padding_free == "on":
+                raise ValueError(
+                    f"padding_free=on, but attention implementation {attn_implementation!r} is "
+                    "not known to keep packed sequences apart; use padding_free=auto or off, or "
+                    f"one of {sorted(VARLEN_ATTENTION | DENSE_MASK_ATTENTION)}"
+                )
+            reason = f"attention {attn_implementation!r} is not known to honour packed position ids"
+        elif layout == "packed_one_row":
+            reason = (
+                f"attention {attn_implementation!r} is varlen (cost per sequence): "
+                "every sequence of a micro-batch in one row"
+            )
+        else:
+            reason = (
+                f"attention {attn_implementation!r} builds a dense block-diagonal mask: "
+                "sequences binned into rows no longer than the longest one"
+            )
+    logger.info("batch layout %s (padding_free=%s): %s", layout, padding_free, reason)
+    return layout
 
 
 @dataclass(frozen=True)
@@ -56,6 +98,10 @@ class PairBatch:
     attention_mask: torch.Tensor | None  # padded layout
     position_ids: torch.Tensor | None  # packed layout
     num_pairs: int
+    # one-row packed layout: sequence boundaries [0, len_0, len_0 + len_1, ...] (int32) and the
+    # longest sequence, handed to varlen kernels so that they need no device-to-host sync
+    cu_seq_lens: torch.Tensor | None = None
+    max_length: int | None = None
 
     @property
     def packed(self) -> bool:
@@ -66,12 +112,16 @@ class PairBatch:
         """Real (non-padding) tokens in the batch."""
         return int((self.sequence_ids >= 0).sum())
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": self.input_ids}
+    def model_inputs(self) -> dict[str, torch.Tensor | int]:
+        inputs: dict[str, torch.Tensor | int] = {"input_ids": self.input_ids}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
+        if self.cu_seq_lens is not None and self.max_length is not None:
+            # transformers' FlashAttentionKwargs: reach the attention function through **kwargs
+            inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = self.cu_seq_lens
+            inputs["max_length_q"] = inputs["max_length_k"] = self.max_length
         return inputs
 
     def to(self, device: torch.device | str) -> PairBatch:
@@ -85,6 +135,8 @@ class PairBatch:
             attention_mask=move(self.attention_mask),
             position_ids=move(self.position_ids),
             num_pairs=self.num_pairs,
+            cu_seq_lens=move(self.cu_seq_lens),
+            max_length=self.max_length,
         )
 
 
@@ -178,18 +230,34 @@ def collate_packed(
         sequence_tensor[row, :used] = torch.tensor(sequence_ids, dtype=torch.long)
         position_tensor[row, :used] = torch.tensor(position_ids, dtype=torch.long)
         position_tensor[row, used:] = torch.arange(width - used, dtype=torch.long)
+    cu_seq_lens = max_length = None
+    if max_row_tokens is None:
+        lengths = [len(sequences[index][0]) for index in bins[0]]
+        cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        max_length = max(lengths)
     return PairBatch(
-        input_tensor, label_tensor, sequence_tensor, None, position_tensor, len(examples)
+        input_tensor,
+        label_tensor,
+        sequence_tensor,
+        None,
+        position_tensor,
+        len(examples),
+        cu_seq_lens,
+        max_length,
     )
+
+
+def collate_layout(examples: Sequence[PairExample], layout: Layout, pad_token_id: int) -> PairBatch:
+    """Collate in a layout from `choose_layout` / `packing_layout`."""
+    if layout == "packed_one_row":
+        return collate_packed(examples, pad_token_id=pad_token_id)
+    if layout == "packed_rows":
+        return collate_packed(examples, max_row_tokens=0, pad_token_id=pad_token_id)
+    return collate_padded(examples, pad_token_id)
 
 
 def collate_for_attention(
     examples: Sequence[PairExample], attn_implementation: str | None, pad_token_id: int
 ) -> PairBatch:
     """Collate in `packing_layout(attn_implementation)`'s layout."""
-    layout = packing_layout(attn_implementation)
-    if layout == "packed_one_row":
-        return collate_packed(examples, pad_token_id=pad_token_id)
-    if layout == "packed_rows":
-        return collate_packed(examples, max_row_tokens=0, pad_token_id=pad_token_id)
-    return collate_padded(examples, pad_token_id)
+    return collate_layout(examples, packing_layout(attn_implementation), pad_token_id)

@@ -119,10 +119,9 @@ def _response_after_prompt(
     return value if value[0]["role"] == "assistant" else None
 
 
-def _split_dialogues(
-    chosen: list[Message], rejected: list[Message], names: DataColumns, row: _RowContext
-) -> PreferenceExample:
-    """Shared leading messages are the prompt; the split falls just before an assistant turn."""
+def _split_dialogues(chosen: list[Message], rejected: list[Message]) -> PreferenceExample | None:
+    """Shared leading messages are the prompt; the split falls just before an assistant turn.
+    None when the dialogues share no such prefix."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -132,10 +131,7 @@ def _split_dialogues(
             return PreferenceExample(
                 prompt=chosen[:boundary], chosen=chosen[boundary:], rejected=rejected[boundary:]
             )
-    row.fail(
-        f"fields '{names.chosen}' and '{names.rejected}' are dialogues without a shared prompt "
-        "(common leading messages followed by an assistant turn in each)"
-    )
+    return None
 
 
 def normalize_row(
@@ -151,6 +147,7 @@ def normalize_row(
     chosen, rejected = values[columns.chosen], values[columns.rejected]
 
     raw_prompt = row.get(columns.prompt)
+    responses: dict[str, list[Message] | None] = {}
     if raw_prompt is not None:
         parsed_prompt = _parse_field(raw_prompt, columns.prompt, context)
         prompt = (
@@ -158,25 +155,33 @@ def normalize_row(
             if isinstance(parsed_prompt, str)
             else parsed_prompt
         )
-        chosen_response = _response_after_prompt(chosen, prompt)
-        rejected_response = _response_after_prompt(rejected, prompt)
+        responses = {name: _response_after_prompt(values[name], prompt) for name in values}
+        chosen_response, rejected_response = responses[columns.chosen], responses[columns.rejected]
         if chosen_response is not None and rejected_response is not None:
             return PreferenceExample(
                 prompt=prompt, chosen=chosen_response, rejected=rejected_response
             )
 
+    # Full dialogues: also when a prompt column is there but is not their exact prefix
+    # (a system message in the dialogues and not in the prompt column, say).
     if isinstance(chosen, list) and isinstance(rejected, list):
-        return _split_dialogues(chosen, rejected, columns, context)
+        dialogues = _split_dialogues(chosen, rejected)
+        if dialogues is not None:
+            return dialogues
+        if raw_prompt is None:
+            context.fail(
+                f"fields '{columns.chosen}' and '{columns.rejected}' are dialogues without a "
+                "shared prompt (common leading messages followed by an assistant turn in each)"
+            )
     if raw_prompt is None:
         context.fail(
             f"field '{columns.prompt}' is missing (needed unless '{columns.chosen}' and "
             f"'{columns.rejected}' are full dialogues)"
         )
-    # A prompt was given, one side is a string and the other a list that does not continue it.
-    offending = columns.chosen if isinstance(chosen, list) else columns.rejected
+    offending = next(name for name, response in responses.items() if response is None)
     context.fail(
-        f"field '{offending}' is a message list that does not continue the prompt "
-        "with an assistant message"
+        f"field '{offending}' does not continue the prompt with an assistant message "
+        "(its messages after the prompt must start with role 'assistant')"
     )
 
 
@@ -192,8 +197,9 @@ class TruncatedPair:
     response_truncated: bool
 
     @property
-    def has_empty_response(self) -> bool:
-        return not self.chosen_ids or not self.rejected_ids
+    def is_empty(self) -> bool:
+        """Nothing to train on: no prompt token to predict from, or a response without tokens."""
+        return not self.prompt_ids or not self.chosen_ids or not self.rejected_ids
 
 
 def truncate_pair(
@@ -271,6 +277,10 @@ def _render_templated(
     return rendered
 
 
+def _has_content(messages: list[Message]) -> bool:
+    return any(message["content"].strip() for message in messages)
+
+
 @dataclass
 class TokenizeCounts:
     dropped_empty: int = 0
@@ -289,15 +299,31 @@ def tokenize_examples(
     row_indices: Sequence[int] | None = None,
     location: str = "",
 ) -> tuple[TokenizedSplit, TokenizeCounts]:
-    """Token ids of each pair, truncated; pairs with an empty response are dropped and counted.
+    """Token ids of each pair, truncated; pairs with nothing to train on are dropped and counted.
 
     With a chat template, a response's ids are those of the templated conversation (prompt +
     response) after the ids of the templated prompt with the generation prompt, so the model
     sees exactly what the template writes. `chat_template` None = plain concatenation: message
     contents joined, the tokenizer's own special tokens (BOS) on the prompt, EOS after responses.
     `row_indices` are the source rows of `examples`, for error messages.
+
+    Dropped (`dropped_empty`): a pair whose chosen or rejected response has no content (only
+    whitespace: what the template wraps around it, an end-of-turn token, is not an answer to
+    prefer or reject), and a pair left with no prompt or response tokens after truncation
+    (the first response token needs a prompt token to be predicted from).
     """
-    indices = list(row_indices) if row_indices is not None else list(range(len(examples)))
+    all_indices = list(row_indices) if row_indices is not None else list(range(len(examples)))
+    if len(all_indices) != len(examples):
+        raise ValueError(f"{len(all_indices)} row indices for {len(examples)} examples")
+    counts = TokenizeCounts()
+    kept = [
+        position
+        for position, example in enumerate(examples)
+        if _has_content(example.chosen) and _has_content(example.rejected)
+    ]
+    counts.dropped_empty = len(examples) - len(kept)
+    examples = [examples[position] for position in kept]
+    indices = [all_indices[position] for position in kept]
     prompt_texts: list[str] = []
     response_texts: list[str] = []  # chosen, rejected interleaved
     for example, index in zip(examples, indices, strict=True):
@@ -334,7 +360,6 @@ def tokenize_examples(
     response_ids_list = _encode_texts(tokenizer, response_texts)
 
     split = _SplitBuilder()
-    counts = TokenizeCounts()
     eos_token_id = tokenizer.eos_token_id
     for position, index in enumerate(indices):
         prompt_ids = prompt_ids_list[position]
@@ -358,7 +383,7 @@ def tokenize_examples(
             max_length=max_length,
             max_prompt_length=max_prompt_length,
         )
-        if pair.has_empty_response:
+        if pair.is_empty:
             counts.dropped_empty += 1
             continue
         counts.truncated_prompt += pair.prompt_truncated
@@ -570,13 +595,25 @@ def _load_local_file(path: Path, hf_cache: Path) -> datasets.Dataset:
     return loaded
 
 
-def _load_saved_folder(path: Path, split: str) -> datasets.Dataset:
+def _load_saved_folder(
+    path: Path, split: str, eval_split: str | None
+) -> tuple[RawRows, RawRows | None]:
+    """(train, eval) of a save_to_disk folder: splits of a DatasetDict, or a single Dataset."""
     loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"{path}: no split {split!r}; it has {', '.join(sorted(loaded))}")
-        return loaded[split]
-    return loaded
+    if not isinstance(loaded, datasets.DatasetDict):
+        if eval_split is not None:
+            raise DataError(
+                f"{path}: a single saved Dataset has no splits, so eval_split {eval_split!r} "
+                "cannot be found; save a DatasetDict or use eval_fraction"
+            )
+        return loaded, None
+
+    def pick(name: str) -> datasets.Dataset:
+        if name not in loaded:
+            raise DataError(f"{path}: no split {name!r}; it has {', '.join(sorted(loaded))}")
+        return loaded[name]
+
+    return pick(split), pick(eval_split) if eval_split is not None else None
 
 
 def _resolve_source(data: DataSpec, hf_cache: Path) -> _ResolvedSource:
@@ -620,13 +657,14 @@ def _resolve_local(data: DataSpec, path: Path, hf_cache: Path) -> _ResolvedSourc
         identity: dict[str, Any] = {"kind": "saved", "sha256": _sha256_folder(path)}
 
         def load() -> tuple[RawRows, RawRows | None]:
-            train = _load_saved_folder(path, data.split)
-            evaluation = (
-                _load_saved_folder(path, data.eval_split) if data.eval_split is not None else None
-            )
-            return train, evaluation
+            return _load_saved_folder(path, data.split, data.eval_split)
 
-        return _ResolvedSource(description=str(path), identity=identity, loader=load)
+        return _ResolvedSource(
+            description=str(path),
+            identity=identity,
+            loader=load,
+            eval_description=f"{path} split {data.eval_split!r}" if data.eval_split else "",
+        )
 
     if path.is_dir():
         raise DataError(

@@ -4,16 +4,23 @@ Nothing here touches the network, so a sweep runs end to end on a laptop with no
 and no GPU, and still has a real signal: the task is learnable by the tiny model within a
 minute of CPU training at a good learning rate, and not at a learning rate 100x lower.
 
-The task, `builtin:rule-following`, is counting with a rule stated in the prompt:
+The task, `builtin:rule-following`, is counting with a rule stated in the prompt. The chosen
+response follows the rule; the rejected one breaks it in one of two ways:
 
     prompt    count down by 3 from 40 to 28
     chosen    40 37 34 31 28
-    rejected  40 37 31 34 28      (two neighbouring numbers swapped)
+    rejected  40 37 31 34 28      order: two neighbouring numbers swapped
+    rejected  40 43 46 49 52      direction: the right step from the right start, the wrong way
 
-The rejected response has the same length and the same multiset of tokens as the chosen one,
-so neither length nor any single token separates them: the model has to learn the order the
-rule implies (which number follows which, given direction and step). Every prompt is unique,
-so a hold-out of prompts is a test of generalisation to rule instances never trained on.
+Length-normalised log-probs do not separate them by length (same length, and a swap keeps the
+same tokens), and neither kind is caught by one surface cue: a swap breaks the progression
+anywhere in the answer, and a count in the wrong direction is a perfect progression that only
+the prompt's "up"/"down" rules out. So the model has to learn both the progression and to read
+the rule from the prompt. Every prompt is a distinct rule instance (direction, step, start,
+length), and the hold-out is by prompt, so eval measures generalisation to unseen instances.
+Calibration (2 CPU cores, tiny-llama, batch 16, sigmoid beta 2, gamma_beta_ratio 0.5): held-out
+accuracy starts near 0.5, reaches 1.0 within about 75 steps at a learning rate of 1e-3, stays
+near 0.5 at 1e-5, and becomes unstable from about 2e-3.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ ROLE_TOKENS = {role: f"<|{role}|>" for role in ("system", "user", "assistant")}
 # Numbers 0..DEMO_MAX_NUMBER are single tokens; the counting task stays inside this range.
 DEMO_MAX_NUMBER = 59
 DEMO_WORDS = ("count", "up", "down", "by", "from", "to")
+DEMO_STEPS = (1, 2, 3)
+DEMO_LENGTHS = range(4, 8)
 
 # Each message is "<|role|> content"; an assistant turn ends with EOS so that the response
 # tokens (conversation minus generation prompt) end with EOS like a real instruct template.
@@ -115,8 +124,8 @@ class DemoModelShape:
     max_position_embeddings: int = 256
 
 
-# Sized to learn the counting task in about a minute on 2 CPU cores (see the calibration notes
-# in the project docs); add entries here to offer more built-in models.
+# Sized so that the counting task is learned in about 100 steps of a few hundredths of a second
+# each on one CPU core (calibration in the module docstring); add entries for more models.
 BUILTIN_MODELS: dict[str, DemoModelShape] = {
     "tiny-llama": DemoModelShape(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
@@ -175,36 +184,48 @@ def _counting_rows(num_pairs: int, seed: int) -> list[dict[str, str]]:
     """Counting pairs; see the module docstring. Prompts are unique while they last.
 
     Every rule instance (direction, step, start, length) is a distinct prompt. When more pairs
-    are asked for than there are instances, instances repeat with a different swap position,
+    are asked for than there are instances, instances repeat with a freshly drawn rejection,
     so a prompt-level hold-out still never shows an eval prompt in training.
     """
     instances = [
         (direction, step, start, length)
-        for direction in ("up", "down")
-        for step in (1, 2, 3)
-        for length in range(4, 8)
+        for direction in (1, -1)
+        for step in DEMO_STEPS
+        for length in DEMO_LENGTHS
         for start in range(DEMO_MAX_NUMBER + 1)
-        if 0 <= start + (step if direction == "up" else -step) * (length - 1) <= DEMO_MAX_NUMBER
+        if _in_range(start + direction * step * (length - 1))
     ]
     rng = random.Random(seed)
     rng.shuffle(instances)
     rows: list[dict[str, str]] = []
     while len(rows) < num_pairs:
         for direction, step, start, length in instances[: num_pairs - len(rows)]:
-            signed_step = step if direction == "up" else -step
-            numbers = [start + signed_step * index for index in range(length)]
-            end = numbers[-1]
-            swapped = list(numbers)
-            position = rng.randrange(length - 1)
-            swapped[position], swapped[position + 1] = swapped[position + 1], swapped[position]
+            numbers = [start + direction * step * index for index in range(length)]
             rows.append(
                 {
-                    "prompt": f"count {direction} by {step} from {start} to {end}",
+                    "prompt": f"count {'up' if direction > 0 else 'down'} by {step} "
+                    f"from {start} to {numbers[-1]}",
                     "chosen": " ".join(map(str, numbers)),
-                    "rejected": " ".join(map(str, swapped)),
+                    "rejected": " ".join(map(str, _break_rule(numbers, step, direction, rng))),
                 }
             )
     return rows
+
+
+def _in_range(number: int) -> bool:
+    return 0 <= number <= DEMO_MAX_NUMBER
+
+
+def _break_rule(numbers: list[int], step: int, direction: int, rng: random.Random) -> list[int]:
+    """A rejected answer: the count in the wrong direction (when it stays in range, half the
+    time), else the right count with two neighbouring numbers swapped."""
+    start, length = numbers[0], len(numbers)
+    if rng.random() < 0.5 and _in_range(start - direction * step * (length - 1)):
+        return [start - direction * step * index for index in range(length)]
+    broken = list(numbers)
+    position = rng.randrange(length - 1)
+    broken[position], broken[position + 1] = broken[position + 1], broken[position]
+    return broken
 
 
 BUILTIN_DATASETS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {
@@ -212,7 +233,7 @@ BUILTIN_DATASETS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {
 }
 
 # Bump when a generator's output changes, so cached tokenisations of the old rows are not reused.
-BUILTIN_DATASETS_VERSION = 1
+BUILTIN_DATASETS_VERSION = 2
 # Pairs generated for a built-in source when the spec does not bound them.
 DEFAULT_DEMO_PAIRS = 2000
 

@@ -8,7 +8,11 @@ each chunk's softmax instead of storing it: memory is bounded by one chunk of lo
 
 from __future__ import annotations
 
+import inspect
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,10 +47,11 @@ class _ChunkedResponseLogps(torch.autograd.Function):
     states, the targets and the N log-normalisers; the backward recomputes one chunk of logits
     at a time, turns it into the chunk's gradient in place (softmax = exp(logits - lse)) and
     folds it into the hidden and weight gradients. Peak extra memory: one [chunk, vocab]
-    float32 block (plus its low-precision copy under bf16) and a weight-sized accumulator.
-    The matmuls run in the dtype the plain head would use (autocast's, else the weight's); the
-    softmax always runs in float32. Autocast is switched off inside so forward and backward
-    recompute bit-identical logits.
+    float32 block (plus its low-precision copy under bf16) and a weight-sized accumulator;
+    with `fused` (compiled kernels) the softmax never materialises in float32, only the
+    low-precision logits and gradient of one chunk. The matmuls run in the dtype the plain head
+    would use (autocast's, else the weight's); the softmax always computes in float32. Autocast
+    is switched off inside so forward and backward recompute bit-identical logits.
     """
 
     @staticmethod
@@ -56,8 +61,10 @@ class _ChunkedResponseLogps(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         chunk_size: int,
+        fused: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = _compute_dtype(hidden, weight)
+        log_norm_of = _fused_log_norm() if fused else _chunk_log_norm
         with torch.autocast(hidden.device.type, enabled=False):
             chunk_hidden_all, chunk_weight = hidden.to(dtype), weight.to(dtype)
             count = hidden.shape[0]
@@ -65,19 +72,19 @@ class _ChunkedResponseLogps(torch.autograd.Function):
             log_norm = torch.empty_like(token_logps)
             for start in range(0, count, chunk_size):
                 end = start + chunk_size
-                logits = (chunk_hidden_all[start:end] @ chunk_weight.T).float()
-                target_logits = logits.gather(-1, targets[start:end, None]).squeeze(-1)
-                # logsumexp in place: the chunk's logits are not needed afterwards
-                maxima = logits.amax(-1, keepdim=True)
-                chunk_norm = logits.sub_(maxima).exp_().sum(-1).log_().add_(maxima.squeeze(-1))
+                logits = chunk_hidden_all[start:end] @ chunk_weight.T
+                target_logits = logits.gather(-1, targets[start:end, None]).squeeze(-1).float()
+                chunk_norm = log_norm_of(logits)
                 log_norm[start:end] = chunk_norm
                 token_logps[start:end] = target_logits - chunk_norm
                 del logits
             # mean over the vocabulary of hidden @ W.T is hidden @ mean(W): no vocab pass needed
-            mean_logits = chunk_hidden_all.float() @ chunk_weight.float().mean(0)
+            # (the mean reduces in float32 without a float32 copy of the weight)
+            mean_logits = chunk_hidden_all.float() @ chunk_weight.mean(0, dtype=torch.float32)
         ctx.save_for_backward(hidden, weight, targets, log_norm)
         ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
         ctx.compute_dtype = dtype  # type: ignore[attr-defined]
+        ctx.fused = fused  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean_logits)
         return token_logps, mean_logits
 
@@ -86,10 +93,12 @@ class _ChunkedResponseLogps(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         grad_token_logps: torch.Tensor,
         _grad_mean_logits: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         hidden, weight, targets, log_norm = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
         dtype: torch.dtype = ctx.compute_dtype  # type: ignore[attr-defined]
+        fused: bool = ctx.fused  # type: ignore[attr-defined]
+        grad_logits_of = _fused_grad_logits() if fused else _chunk_grad_logits
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
         count = hidden.shape[0]
         grad_hidden: torch.Tensor | None = None
@@ -110,28 +119,177 @@ class _ChunkedResponseLogps(torch.autograd.Function):
             for start in range(0, count, chunk_size):
                 end = start + chunk_size
                 chunk_hidden = all_hidden[start:end]
-                chunk_scale = scale[start:end, None]
-                # d logp[target] / d logits = onehot(target) - softmax(logits), times the
-                # upstream gradient, built in place in the recomputed logits
-                grad_logits = (chunk_hidden @ chunk_weight.T).float()
-                grad_logits.sub_(log_norm[start:end, None]).exp_().mul_(-chunk_scale)
-                grad_logits.scatter_add_(-1, targets[start:end, None], chunk_scale)
-                grad_logits_low = grad_logits.to(dtype)
-                del grad_logits
+                grad_logits = grad_logits_of(
+                    chunk_hidden @ chunk_weight.T,
+                    log_norm[start:end],
+                    scale[start:end],
+                    targets[start:end],
+                )
                 if grad_hidden is not None:
-                    torch.mm(grad_logits_low, chunk_weight, out=grad_hidden[start:end])
+                    torch.mm(grad_logits, chunk_weight, out=grad_hidden[start:end])
                 if grad_weight is not None:
                     if grad_weight.dtype == dtype:
-                        grad_weight.addmm_(grad_logits_low.T, chunk_hidden)
+                        grad_weight.addmm_(grad_logits.T, chunk_hidden)
                     else:
-                        grad_weight += grad_logits_low.T @ chunk_hidden
-                del grad_logits_low
+                        grad_weight += grad_logits.T @ chunk_hidden
+                del grad_logits
         return (
             grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
             None,
             None,
+            None,
         )
+
+
+def _chunk_log_norm(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logsumexp over the vocabulary, consuming `logits` (a fresh matmul output).
+
+    In place, so that eager mode holds one float32 copy of the chunk at most.
+    """
+    logits = logits.float()
+    maxima = logits.amax(-1, keepdim=True)
+    return logits.sub_(maxima).exp_().sum(-1).log_().add_(maxima.squeeze(-1))
+
+
+def _chunk_grad_logits(
+    logits: torch.Tensor, log_norm: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """d(scale * logp[target]) / d logits = scale * (onehot(target) - softmax), in logits' dtype.
+
+    Built in place in a float32 copy of the recomputed logits (softmax = exp(logits - lse)).
+    """
+    low_dtype = logits.dtype
+    grad = logits.float()
+    grad.sub_(log_norm[:, None]).exp_().mul_(-scale[:, None])
+    grad.scatter_add_(-1, targets[:, None], scale[:, None])
+    return grad.to(low_dtype)
+
+
+def _fused_log_norm_eager(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def _fused_grad_logits_eager(
+    logits: torch.Tensor, log_norm: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    onehot = (vocab[None, :] == targets[:, None]).float()
+    softmax = (logits.float() - log_norm[:, None]).exp()
+    return ((onehot - softmax) * scale[:, None]).to(logits.dtype)
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _compiled(name: str, function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    # Compiled once per process, on first use: the eager chunk math makes about eight float32
+    # passes over each [chunk, vocab] block, the compiled kernels one pass that reads the
+    # low-precision logits and writes the low-precision gradient.
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(function, fullgraph=True, dynamic=True)
+    return _COMPILED[name]
+
+
+def _fused_log_norm() -> Callable[..., torch.Tensor]:
+    return _compiled("log_norm", _fused_log_norm_eager)
+
+
+def _fused_grad_logits() -> Callable[..., torch.Tensor]:
+    return _compiled("grad_logits", _fused_grad_logits_eager)
+
+
+def fused_softmax_available(device: torch.device) -> bool:
+    """Compiled chunk kernels by default only where inductor emits Triton (CUDA)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TORCH_VARLEN_ATTENTION = "torch_varlen"
+# varlen_attn's keyword names, read once (not inside a torch.compile'd layer)
+_VARLEN_PARAMETERS: frozenset[str] = frozenset()
+
+
+def _varlen_causal_options() -> dict[str, Any]:
+    # torch 2.9-2.11 spell causality is_causal, later versions as a (-1, 0) window
+    if "is_causal" in _VARLEN_PARAMETERS:
+        return {"is_causal": True}
+    return {"window_size": (-1, 0)}
+
+
+def _torch_varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention over one packed row, each sequence on its own (transformers interface).
+
+    query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim]; the boundaries come
+    from `cu_seq_lens_q` / `max_length_q` (PairBatch.model_inputs of a one-row packed batch).
+    CUDA: torch's flash kernel for variable-length batches (cost per sequence, no padding, no
+    mask); elsewhere a per-sequence sdpa loop with the same semantics, for tests.
+    """
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    max_length = kwargs.get("max_length_q")
+    if cu_seq_lens is None or max_length is None or query.shape[0] != 1:
+        raise ValueError(
+            "torch_varlen attention needs one packed row and its cu_seq_lens (a batch from "
+            "collate_packed(examples) without max_row_tokens)"
+        )
+    if dropout or kwargs.get("sliding_window"):
+        raise NotImplementedError("torch_varlen attention has no dropout and no sliding window")
+    q, k, v = (tensor[0].transpose(0, 1).contiguous() for tensor in (query, key, value))
+    group = q.shape[1] // k.shape[1]
+    if query.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        options: dict[str, Any] = {"scale": scaling, **_varlen_causal_options()}
+        if group > 1 and _VARLEN_PARAMETERS and "enable_gqa" in _VARLEN_PARAMETERS:
+            options["enable_gqa"] = True
+        elif group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
+        assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
+        return out.unsqueeze(0), None
+    bounds = cu_seq_lens.tolist()
+    outputs = []
+    for start, end in itertools.pairwise(bounds):
+        # [heads, length, dim] per sequence
+        sq, sk, sv = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            sq, sk, sv, is_causal=True, scale=scaling, enable_gqa=group > 1
+        )
+        outputs.append(attended.transpose(0, 1))
+    return torch.cat(outputs).unsqueeze(0), None
+
+
+def register_torch_varlen_attention() -> str:
+    """Make attn_implementation="torch_varlen" available to transformers models; its name.
+
+    No mask function is registered on purpose: transformers then builds no mask at all, and the
+    boundaries travel as cu_seq_lens. Collate with `choose_layout`, which packs one row for it.
+    """
+    from transformers import AttentionInterface
+
+    global _VARLEN_PARAMETERS
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9: the CPU fallback still works; CUDA calls will fail
+        pass
+    else:
+        _VARLEN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters)
+    AttentionInterface.register(TORCH_VARLEN_ATTENTION, _torch_varlen_attention)
+    return TORCH_VARLEN_ATTENTION
 
 
 def _supports_response_only_head(model: nn.Module) -> bool:
@@ -153,11 +311,20 @@ class PolicyLogps(nn.Module):
     sees one forward per step and synchronises gradients as usual.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_tokens: int = 1024, response_only: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        chunk_tokens: int = 1024,
+        response_only: bool = True,
+        fused_softmax: bool | None = None,
+    ):
+        """`fused_softmax` None: compiled chunk kernels on CUDA with Triton, eager elsewhere."""
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.response_only = response_only and _supports_response_only_head(model)
+        self.fused_softmax = fused_softmax
 
     def forward(self, batch: PairBatch) -> ResponseLogps:
         # position t predicts token t+1: responses are read off the shifted labels
@@ -172,8 +339,12 @@ class PolicyLogps(nn.Module):
             decoder = self.model.get_decoder()  # type: ignore[operator]
             hidden = decoder(**model_inputs, use_cache=False).last_hidden_state[:, :-1]
             head = self.model.get_output_embeddings()  # type: ignore[operator]
+            response_hidden = hidden[rows, positions]
+            fused = self.fused_softmax
+            if fused is None:
+                fused = fused_softmax_available(response_hidden.device)
             token_logps, mean_logits = _ChunkedResponseLogps.apply(
-                hidden[rows, positions], head.weight, targets, self.chunk_tokens
+                response_hidden, head.weight, targets, self.chunk_tokens, fused
             )
         else:
             logits = self.model(**model_inputs, use_cache=False).logits[:, :-1][rows, positions]

@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simpo_sweep.engine.batching import PairBatch, PairExample, collate_packed, collate_padded
+from simpo_sweep.engine.batching import (
+    Layout,
+    PairBatch,
+    PairExample,
+    choose_layout,
+    collate_layout,
+)
 from simpo_sweep.engine.logps import PolicyLogps
 from simpo_sweep.engine.metrics import (
     PAIR_SUMS,
@@ -132,7 +138,7 @@ class SimPOTrainer:
         pad_token_id: int,
         device: torch.device | str | None = None,
         checkpoint_root: Path | None = None,
-        packed: bool | None = None,
+        layout: Layout | None = None,
     ):
         self.training = training
         self.simpo = simpo
@@ -151,7 +157,10 @@ class SimPOTrainer:
 
         torch.manual_seed(training.seed)
         self.model = model.to(self.device)
-        self.packed = self._choose_packing(packed)
+        # `layout` overrides the choice from padding_free and the attention implementation.
+        self.layout: Layout = layout or choose_layout(
+            training.padding_free, self._attention_implementation()
+        )
         self.policy: nn.Module = PolicyLogps(self.model, chunk_tokens=training.logprob_chunk_tokens)
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -166,7 +175,10 @@ class SimPOTrainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.autocast_bf16 = self.device.type == "cuda" and training.mixed_precision != "no"
+        # auto: bf16 where it is fast (CUDA); an explicit bf16 is honoured on any device.
+        self.autocast_bf16 = training.mixed_precision == "bf16" or (
+            training.mixed_precision == "auto" and self.device.type == "cuda"
+        )
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -174,18 +186,18 @@ class SimPOTrainer:
     def global_micro_batch(self) -> int:
         return self.training.batch_size * self.world_size
 
-    def _choose_packing(self, packed: bool | None) -> bool:
-        if packed is not None:
-            return packed
-        if self.training.padding_free != "auto":
-            return self.training.padding_free == "on"
+    @property
+    def packed(self) -> bool:
+        return self.layout != "padded"
+
+    def _attention_implementation(self) -> str | None:
         config = getattr(self.model, "config", None)
         attention = getattr(config, "_attn_implementation", None)
-        # These attention paths honour packed position ids (sequence boundaries are restarts).
-        return attention in {"sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
+        return attention if isinstance(attention, str) else None
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, parameter in self.model.named_parameters():
             if not parameter.requires_grad:
                 continue
@@ -220,9 +232,7 @@ class SimPOTrainer:
         return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
     def _collate(self, examples: Sequence[PairExample]) -> PairBatch:
-        batch = (
-            collate_packed(examples) if self.packed else collate_padded(examples, self.pad_token_id)
-        )
+        batch = collate_layout(examples, self.layout, self.pad_token_id)
         return batch.to(self.device)
 
     def _train_micro_batches(self) -> Iterator[PairBatch]:
@@ -245,16 +255,16 @@ class SimPOTrainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _reduce(
         self, sums: dict[str, torch.Tensor], num_pairs: int, prefix: str
     ) -> dict[str, float]:
-        packed = torch.stack([*(sums[name].float() for name in PAIR_SUMS)])
-        packed = torch.cat([packed, torch.tensor([float(num_pairs)], device=packed.device)])
-        packed = _all_reduce_sum(packed).tolist()
-        return sums_to_means(dict(zip(PAIR_SUMS, packed[:-1], strict=True)), packed[-1], prefix)
+        stacked = torch.stack([*(sums[name].float() for name in PAIR_SUMS)])
+        stacked = torch.cat([stacked, torch.tensor([float(num_pairs)], device=stacked.device)])
+        totals: list[float] = _all_reduce_sum(stacked).tolist()
+        return sums_to_means(dict(zip(PAIR_SUMS, totals[:-1], strict=True)), totals[-1], prefix)
 
     def train_step(self, micro_batches: Iterator[PairBatch]) -> dict[str, float]:
         self.model.train()
@@ -288,7 +298,7 @@ class SimPOTrainer:
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
             )
-        learning_rate = self.scheduler.get_last_lr()[0]
+        learning_rate = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,15 +364,15 @@ class SimPOTrainer:
         return directory
 
     def load_checkpoint(self, directory: Path) -> None:
-        state = torch.load(
-            directory / CHECKPOINT_FILE, map_location=self.device, weights_only=False
-        )
+        # Loaded on the CPU: RNG states must stay CPU byte tensors, and load_state_dict copies
+        # weights and optimizer state onto their parameters' devices anyway.
+        state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
@@ -390,11 +400,11 @@ class SimPOTrainer:
             )
             event.diagnosis = diagnosis
             degenerate = bool(diagnosis.degenerate) and self.diagnostics.stop_degenerate
-            if (self.step % training.checkpoint_every == 0 or done) and not degenerate:
-                if self.rank == 0 and self.checkpoint_root is not None:
-                    event.checkpoint_dir = self.save_checkpoint(
-                        self.checkpoint_root / f"step_{self.step:06d}"
-                    )
+            checkpoint_due = self.step % training.checkpoint_every == 0 or done
+            if checkpoint_due and not degenerate and self.rank == 0 and self.checkpoint_root:
+                event.checkpoint_dir = self.save_checkpoint(
+                    self.checkpoint_root / f"step_{self.step:06d}"
+                )
             metrics.update(event.metrics)
             stopped_reason = callback(event) if callback is not None else None
             if degenerate:

@@ -7,11 +7,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.results import format_table
-from simpo_sweep.service.sweep import SweepOutcome, find_sweep_dir, tracking_uri
+from simpo_sweep.service.sweep import SweepOutcome, find_sweep_dir, load_sweep_spec, tracking_uri
 from simpo_sweep.spec.loading import SpecError, check_resources, load_spec
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import count_trials, describe_domain, resolve_key
+from simpo_sweep.tracking.mlflow_runs import is_local_store
+from simpo_sweep.tracking.redact import redact_text
 
 
 def _local_resources() -> dict[str, float]:
@@ -58,7 +61,8 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
         + (f" (grace period {scheduler.grace_period} steps)" if scheduler.type == "asha" else ""),
         f"trials: {count_trials(spec)} (grid size x num_samples {spec.search.num_samples}); "
         f"at most {spec.search.max_concurrent_trials} at once",
-        f"per trial: {spec.resources.num_workers} worker(s) x {spec.resources.cpus_per_worker:g} CPU"
+        f"per trial: {spec.resources.num_workers} worker(s) "
+        f"x {spec.resources.cpus_per_worker:g} CPU"
         + (f", {spec.resources.gpus_per_worker:g} GPU" if spec.resources.gpus_per_worker else ""),
     ]
     for index, stage in enumerate(spec.search.stages, start=1):
@@ -72,7 +76,8 @@ def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
     print(format_table(spec, outcome.rows))
     if outcome.status != "completed":
         print(
-            f"sweep {outcome.sweep_id} interrupted; continue it with: simpo-sweep resume {outcome.sweep_dir}"
+            f"sweep {outcome.sweep_id} interrupted; continue it with: "
+            f"simpo-sweep resume {outcome.sweep_dir}"
         )
         return
     if outcome.best is None:
@@ -90,11 +95,25 @@ def ui_command(sweep: str | None, host: str, port: int) -> list[str]:
     if sweep and Path(sweep).is_file():
         spec = load_spec(sweep)
     elif sweep:
-        spec = load_spec(find_sweep_dir(sweep) / "spec.yaml")
+        spec = load_sweep_spec(find_sweep_dir(sweep))
     else:
         spec = SweepSpec(name="default")
     uri = tracking_uri(spec)
-    if uri is None or not uri.startswith("sqlite:"):
-        raise SpecError("ui", [])
+    if uri is None:
+        raise SweepError("tracking is off for this sweep (tracking.enabled: false)")
+    if not is_local_store(uri):
+        raise SweepError(f"this sweep tracks to {redact_text(uri)}: open that server's UI")
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    return [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # One worker: a UI for one person; the default spawns several processes.
+    return [
+        mlflow,
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]

@@ -90,7 +90,8 @@ class SweepProgress(Callback):
     ) -> None:
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
-            if self.best is None or self.sign * value > self.sign * self.best[0]:
+            better = self.best is None or self.sign * value > self.sign * self.best[0]
+            if better:
                 self.best = (float(value), trial.trial_id)
         shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
         best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"

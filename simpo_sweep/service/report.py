@@ -165,10 +165,10 @@ def report(sweep: str, *, log_to_mlflow: bool = True) -> str:
     spec = load_sweep_spec(sweep_dir)
     uri = tracking_uri(spec)
     if uri is None:
-        table = sweep_dir / "results.md"
-        if not table.is_file():
+        table_file = sweep_dir / "results.md"
+        if not table_file.is_file():
             raise SweepError(f"{sweep_dir} has no results yet and tracking is off")
-        return table.read_text()
+        return table_file.read_text()
     tracking = SweepTracking(uri, spec.tracking.experiment or spec.name, spec.name, sweep_dir.name)
     table, files = write_report(spec, sweep_dir, tracking, log_to_mlflow=log_to_mlflow)
     listing = "\n".join(f"  {path}" for path in files)

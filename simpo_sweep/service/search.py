@@ -98,7 +98,7 @@ class OptunaSpace:
         self.default_loss_type = spec.simpo.loss_type
 
     def __call__(self, trial: optuna.Trial) -> None:
-        loss_type = self.default_loss_type
+        loss_type: str = self.default_loss_type
         for path, domain in self.entries:
             only_for = ONLY_FOR_LOSS_TYPE.get(path)
             if only_for is not None and loss_type != only_for:

@@ -203,7 +203,10 @@ def run_sweep(
             _sweep_params(spec),
             {"spec.yaml": spec_yaml, "search_space.txt": _describe_space(spec)},
         )
-        printer(f"MLflow: {redact_text(uri)} (experiment {experiment}, parent run {tracking.parent_run_id})")
+        printer(
+            f"MLflow: {redact_text(uri)} "
+            f"(experiment {experiment}, parent run {tracking.parent_run_id})"
+        )
     printer(f"sweep {sweep_id}: {count_trials(spec)} trials, storage {sweep_dir}")
 
     stages = stage_specs(spec)

@@ -267,7 +267,8 @@ def check_resources(spec: SweepSpec, available: Mapping[str, float], where: str)
         problems.append(
             Problem(
                 "resources.gpus_per_worker",
-                f"{resources.gpus_per_worker:g} GPUs per worker, but the largest node of {where} has "
+                f"{resources.gpus_per_worker:g} GPUs per worker, "
+                f"but the largest node of {where} has "
                 f"{node_gpus:g}; set gpus_per_worker: 0 to train on CPU",
             )
         )

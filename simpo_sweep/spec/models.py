@@ -44,7 +44,9 @@ class DataColumns(StrictModel):
 class DataSpec(StrictModel):
     source: str = Field(
         "builtin:rule-following",
-        description="Hub id, local jsonl/json/parquet/csv file, save_to_disk folder, or builtin:<name>.",
+        description=(
+            "Hub id, local jsonl/json/parquet/csv file, save_to_disk folder, or builtin:<name>."
+        ),
     )
     split: str = "train"
     eval_split: str | None = Field(
@@ -348,7 +350,7 @@ class SweepSpec(StrictModel):
 
 
 class TrialConfig(StrictModel):
-    """Everything one trial trains with: the spec's fixed sections with the sampled values applied."""
+    """Everything one trial trains with: the spec's fixed sections, sampled values applied."""
 
     model: ModelSpec
     data: DataSpec

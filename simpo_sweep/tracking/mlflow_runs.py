@@ -61,6 +61,15 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of an embedded SQLite store live beside it, not in whatever folder the
+    process happens to run in (MLflow's default); a server decides for itself."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite":
+        return None
+    return (Path(parsed.path).parent / "mlartifacts").as_uri()
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -68,7 +77,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             client.restore_experiment(experiment.experiment_id)
         return str(experiment.experiment_id)
     try:
-        return str(client.create_experiment(name))
+        return str(
+            client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+        )
     except Exception:  # created concurrently by another process
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -83,7 +83,7 @@ def make_trainable(context: TrialContext) -> Any:
         resources = spec.resources
         if local_mode:
             scaling = ray.train.ScalingConfig(num_workers=0)
-            callbacks = []
+            callbacks: list[Any] = []
         else:
             scaling = ray.train.ScalingConfig(
                 num_workers=resources.num_workers,
