@@ -46,6 +46,7 @@ from simpo_sweep.tracking.redact import redact_text
 from simpo_sweep.trial.trainable import TrialContext, make_trainable
 
 SPEC_FILE = "spec.yaml"
+LOCAL_DATA_CACHE = Path.home() / ".cache" / "simpo-sweep" / "data"
 REMOTE_STORAGE_SCHEMES = {"s3", "gs", "gcs", "abfs", "az", "hdfs"}
 
 Printer = Callable[[str], None]
@@ -191,8 +192,12 @@ def run_sweep(
         (sweep_dir / SPEC_FILE).write_text(spec_yaml)
 
     printer(f"sweep {sweep_id}: preparing data ({spec.data.source}) ...")
-    cache_dir = spec.data.cache_dir or Path(storage) / "data_cache"
-    prepared_path = prepare_data(spec.model, spec.data, cache_dir).path
+    remote_storage = urlparse(storage).scheme in REMOTE_STORAGE_SCHEMES
+    default_cache = LOCAL_DATA_CACHE if remote_storage else Path(storage) / "data_cache"
+    prepared = prepare_data(spec.model, spec.data, spec.data.cache_dir or default_cache)
+    # Trials read the prepared folder where every node sees it (local runs, shared mounts);
+    # with bucket storage the splits travel through Ray's object store instead.
+    data_ref = ray.put(prepared) if remote_storage else None
     tracking_args = None
     tracking = None
     if uri is not None:
@@ -223,7 +228,8 @@ def run_sweep(
         context = TrialContext(
             spec=stage_spec.model_dump(mode="json"),
             sweep_id=sweep_id,
-            data_path=str(prepared_path),
+            data_path=str(prepared.path),
+            data_ref=data_ref,
             storage_path=str(sweep_dir / "train"),
             tracking_uri=uri,
             experiment=spec.tracking.experiment or spec.name,

@@ -34,6 +34,7 @@ class TrialContext:
     spec: dict[str, Any]  # SweepSpec as a dict: small and picklable
     sweep_id: str
     data_path: str
+    data_ref: Any  # ray ObjectRef of the PreparedData when storage is a bucket, else None
     storage_path: str  # absolute
     tracking_uri: str | None
     experiment: str
@@ -74,6 +75,7 @@ def make_trainable(context: TrialContext) -> Any:
         loop_config = {
             "trial": resolved.model_dump(),
             "data_path": context.data_path,
+            "data_ref": context.data_ref,
             "tracking_uri": context.tracking_uri,
             "run_id": run_id,
             "local_mode": local_mode,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.tune
 import torch
@@ -64,7 +65,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = TrialConfig.model_validate(loop_config["trial"])
     ray_io = _RayReporting(local_mode=loop_config["local_mode"])
     device = _device()
-    prepared = load_prepared(Path(loop_config["data_path"]))
+    data_ref = loop_config.get("data_ref")
+    prepared = (
+        ray.get(data_ref) if data_ref is not None else load_prepared(loop_config["data_path"])
+    )
     tokenizer = load_tokenizer(config.model)
     torch.manual_seed(config.training.seed)
     model = load_model(config.model, tokenizer, device)
