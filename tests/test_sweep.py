@@ -88,8 +88,13 @@ def test_grid_search_with_asha_stops_the_bad_learning_rates(tmp_path: Path) -> N
     assert STATE_COMPLETED in {by_lr[3e-3].state, by_lr[2e-3].state}
     assert outcome.best is not None and outcome.best.params["learning_rate"] > 1e-3
     # The best configuration is a spec that validates and searches nothing.
-    best = SweepSpec.model_validate(yaml.safe_load((outcome.sweep_dir / "best_config.yaml").read_text()))
-    assert best.search.space == {} and best.training.learning_rate == outcome.best.params["learning_rate"]
+    best = SweepSpec.model_validate(
+        yaml.safe_load((outcome.sweep_dir / "best_config.yaml").read_text())
+    )
+    assert (
+        best.search.space == {}
+        and best.training.learning_rate == outcome.best.params["learning_rate"]
+    )
     with (outcome.sweep_dir / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 4
 
@@ -143,7 +148,10 @@ def test_optuna_tpe_search(tmp_path: Path) -> None:
     for row in outcome.rows:
         assert 1e-4 <= row.params["learning_rate"] <= 3e-3
         assert row.params["sft_weight"] in (0.0, 0.5)
-        assert abs(row.params["gamma_beta_ratio"] * 10 - round(row.params["gamma_beta_ratio"] * 10)) < 1e-9
+        assert (
+            abs(row.params["gamma_beta_ratio"] * 10 - round(row.params["gamma_beta_ratio"] * 10))
+            < 1e-9
+        )
         assert row.metric is not None
     runs = child_runs(outcome, spec)
     assert sorted(runs) == sorted(row.trial_id for row in outcome.rows)
