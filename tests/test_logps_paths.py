@@ -7,7 +7,12 @@
 - the plain path vs a naive per-token Python loop;
 - bf16 weights on CPU: float32 log-probs close to the float32 model's;
 - memory: the chunked path saves nothing vocabulary-sized for backward and never creates a
-  tensor larger than one chunk of logits (or a weight-sized gradient).
+  tensor larger than one chunk of logits (or a weight-sized gradient);
+- the fused (torch.compile'd) chunk kernels, the CUDA default, against the eager chunk math and
+  the plain path (compiled by inductor on CPU where a C++ compiler exists);
+- the automatic padded/packed layout choice per attention implementation, and its log line;
+- the project's torch_varlen attention (one packed row, boundaries as cu_seq_lens, no mask)
+  against the padded sdpa path (its CPU fallback here; torch's varlen flash kernel on CUDA).
 
 Tolerances (float32 unless said): log-prob sums rtol 1e-5 / atol 1e-5 (measured differences
 are below 1e-5 on sums of magnitude ~100); gradients rtol 1e-4 / atol 1e-6 (summation order
@@ -18,6 +23,9 @@ of the float32 model, and within 0.02 nats of the bf16 plain path.
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,19 +36,34 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from simpo_sweep.engine.batching import (
+    Layout,
+    PaddingFree,
     PairBatch,
     PairExample,
+    choose_layout,
     collate_for_attention,
+    collate_layout,
     collate_packed,
     collate_padded,
     packing_layout,
 )
-from simpo_sweep.engine.logps import PolicyLogps, ResponseLogps
+from simpo_sweep.engine.logps import (
+    PolicyLogps,
+    ResponseLogps,
+    _chunk_grad_logits,
+    _chunk_log_norm,
+    _fused_grad_logits,
+    _fused_grad_logits_eager,
+    _fused_log_norm,
+    _fused_log_norm_eager,
+    fused_softmax_available,
+    register_torch_varlen_attention,
+)
 from simpo_sweep.engine.metrics import simpo_objective
 from simpo_sweep.spec.models import SimPOSpec
 
-VALUES = {"rtol": 1e-5, "atol": 1e-5}
-GRADS = {"rtol": 1e-4, "atol": 1e-6}
+VALUES: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
+GRADS: dict[str, Any] = {"rtol": 1e-4, "atol": 1e-6}
 PAD = 0
 
 
@@ -259,7 +282,7 @@ def test_plain_path_matches_naive_token_loop() -> None:
 
 def test_bf16_weights_give_float32_logps_close_to_float32_model() -> None:
     model = _model()
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    model_bf16 = copy.deepcopy(model).bfloat16()
     batch = collate_packed(_examples(), max_row_tokens=0, pad_token_id=PAD)
     with torch.no_grad():
         reference = PolicyLogps(model)(batch)
@@ -334,3 +357,137 @@ def test_chunked_backward_memory_is_bounded_by_the_chunk() -> None:
     plain_saved, plain_created = _largest_saved(model, batch, response_only=False)
     assert plain_saved >= response_tokens * vocab
     assert plain_created >= response_tokens * vocab
+
+
+# ---- fused (compiled) chunk kernels -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_chunk_math_matches_eager(dtype: torch.dtype) -> None:
+    """The compiled kernels (default on CUDA) compute what the in-place eager chunk math does.
+
+    Checked on their eager definitions (every device) and compiled by inductor where this
+    machine can compile (CPU needs a C++ compiler; CUDA, Triton).
+    """
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 503, generator=generator) * 4).to(dtype)
+    targets = torch.randint(0, 503, (37,), generator=generator)
+    scale = torch.randn(37, generator=generator)
+    log_norm = _chunk_log_norm(logits.clone())
+    expected_grad = _chunk_grad_logits(logits.clone(), log_norm, scale, targets)
+    reference = torch.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(log_norm.double(), -reference[:, 0] + logits[:, 0].double())
+    kernels = [(_fused_log_norm_eager, _fused_grad_logits_eager)]
+    if shutil.which("cc") or shutil.which("gcc"):
+        kernels.append((_fused_log_norm(), _fused_grad_logits()))
+    tolerance: dict[str, Any] = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    for log_norm_of, grad_of in kernels:
+        torch.testing.assert_close(log_norm_of(logits), log_norm, rtol=1e-6, atol=1e-5)
+        grad = grad_of(logits, log_norm, scale, targets)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="inductor on CPU needs a C++ compiler")
+def test_fused_head_matches_plain_values_and_gradients() -> None:
+    model = _model()
+    batch = collate_packed(_examples(), max_row_tokens=0, pad_token_id=PAD)
+    plain, plain_grads = _run(model, batch, response_only=False)
+    fused, fused_grads = _run(model, batch, chunk_tokens=7, fused_softmax=True)
+    torch.testing.assert_close(fused.summed, plain.summed, **VALUES)
+    torch.testing.assert_close(fused.logit_sums, plain.logit_sums, **VALUES)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, **GRADS, msg=name)
+
+
+def test_fused_softmax_is_the_cuda_default_only() -> None:
+    assert not fused_softmax_available(torch.device("cpu"))
+
+
+# ---- the automatic layout choice ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("padding_free", "attn", "layout"),
+    [
+        ("auto", "flash_attention_2", "packed_one_row"),
+        ("auto", "flash_attention_3", "packed_one_row"),
+        ("auto", "flex_attention", "packed_one_row"),
+        ("auto", "sdpa", "packed_rows"),
+        ("auto", "eager", "packed_rows"),
+        ("auto", "some_kernel_hub_attention", "padded"),
+        ("auto", None, "padded"),
+        ("on", "sdpa", "packed_rows"),
+        ("on", "flash_attention_2", "packed_one_row"),
+        ("off", "flash_attention_2", "padded"),
+        ("off", "sdpa", "padded"),
+    ],
+)
+def test_layout_choice_is_automatic_and_logged(
+    padding_free: PaddingFree, attn: str | None, layout: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="simpo_sweep.engine.batching"):
+        assert choose_layout(padding_free, attn) == layout
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    message = record.getMessage()
+    assert f"batch layout {layout}" in message and f"padding_free={padding_free}" in message
+    if padding_free != "off":
+        assert repr(attn) in message  # the reason names the attention implementation
+
+
+def test_padding_free_on_refuses_an_unknown_attention() -> None:
+    with pytest.raises(ValueError, match="not known to keep packed sequences apart"):
+        choose_layout("on", "some_kernel_hub_attention")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed_rows", "packed_one_row"])
+def test_collate_layout_matches_the_named_collator(layout: Layout) -> None:
+    examples = _examples()
+    got, expected = collate_layout(examples, layout, PAD), LAYOUTS[layout](examples)
+    for name in ("input_ids", "labels", "sequence_ids", "attention_mask", "position_ids"):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
+# ---- torch_varlen attention (one packed row, no mask) -------------------------------------------
+
+
+def test_torch_varlen_attention_matches_padded_values_and_gradients() -> None:
+    """On CPU the per-sequence fallback runs; CUDA swaps in torch's varlen flash kernel."""
+    name = register_torch_varlen_attention()
+    assert choose_layout("auto", name) == "packed_one_row"
+    examples = _examples()
+    results = {}
+    runs: tuple[tuple[str, Layout], ...] = (("sdpa", "padded"), (name, "packed_one_row"))
+    for attn, layout in runs:
+        model = _model(attn=attn)
+        batch = collate_layout(examples, layout, PAD)
+        results[attn] = _run(model, batch)
+    (padded, padded_grads), (varlen, varlen_grads) = results["sdpa"], results[name]
+    torch.testing.assert_close(varlen.summed, padded.summed, **VALUES)
+    # per-sequence 3-D sdpa calls sum in another order than the batched 4-D one: gradients of
+    # magnitude ~1 differ by up to ~2e-6 in float32
+    for param, grad in padded_grads.items():
+        torch.testing.assert_close(varlen_grads[param], grad, rtol=1e-4, atol=1e-5, msg=param)
+
+
+def test_one_row_batches_carry_sequence_boundaries() -> None:
+    examples = _examples()
+    batch = collate_packed(examples)
+    lengths = [len(e.prompt_ids) + len(e.chosen_ids) for e in examples]
+    lengths += [len(e.prompt_ids) + len(e.rejected_ids) for e in examples]
+    assert batch.cu_seq_lens is not None and batch.cu_seq_lens.dtype == torch.int32
+    assert batch.cu_seq_lens.tolist() == [0, *itertools.accumulate(lengths)]
+    assert batch.max_length == max(lengths)
+    inputs = batch.model_inputs()
+    assert inputs["cu_seq_lens_q"] is batch.cu_seq_lens and inputs["max_length_k"] == max(lengths)
+    # bounded rows and padded batches carry none: sdpa/eager read the boundaries off positions
+    for other in (collate_packed(examples, max_row_tokens=0), collate_padded(examples, PAD)):
+        assert other.cu_seq_lens is None and "cu_seq_lens_q" not in other.model_inputs()
+
+
+def test_torch_varlen_attention_refuses_a_batch_without_boundaries() -> None:
+    model = _model(attn=register_torch_varlen_attention())
+    with pytest.raises(ValueError, match="needs one packed row"):
+        PolicyLogps(model)(collate_padded(_examples(), PAD))

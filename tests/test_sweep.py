@@ -70,22 +70,22 @@ def child_runs(outcome: SweepOutcome, spec: dict[str, Any]) -> dict[str, Any]:
 def test_grid_search_with_asha_stops_the_bad_learning_rates(tmp_path: Path) -> None:
     spec = demo_spec(
         tmp_path,
-        training={"max_steps": 30, "eval_every": 10, "checkpoint_every": 30},
+        training={"max_steps": 60, "batch_size": 16, "eval_every": 30, "checkpoint_every": 60},
         search={
             "algorithm": "grid",
             "max_concurrent_trials": 2,
-            "space": {"learning_rate": {"type": "grid", "values": [3e-3, 2e-3, 1e-6, 2e-6]}},
-            "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+            "space": {"learning_rate": {"type": "grid", "values": [1e-3, 2e-3, 1e-6, 2e-6]}},
+            "scheduler": {"type": "asha", "grace_period": 30, "reduction_factor": 4},
         },
     )
     outcome = sweep(spec)
     by_lr = {row.params["learning_rate"]: row for row in outcome.rows}
-    assert sorted(by_lr) == [1e-6, 2e-6, 2e-3, 3e-3]
-    # The good learning rates run first and set the bar at the first rung (step 10); the
-    # 1000x lower ones fall under it there and are stopped.
+    assert sorted(by_lr) == [1e-6, 2e-6, 1e-3, 2e-3]
+    # The good learning rates run first and set the bar at the rung (step 30, the top quarter
+    # passes); the 1000x lower ones, still at chance there, fall under it and are stopped.
     for low in (1e-6, 2e-6):
-        assert (by_lr[low].state, by_lr[low].step) == (STATE_STOPPED_EARLY, 10)
-    assert STATE_COMPLETED in {by_lr[3e-3].state, by_lr[2e-3].state}
+        assert (by_lr[low].state, by_lr[low].step) == (STATE_STOPPED_EARLY, 30)
+    assert STATE_COMPLETED in {by_lr[1e-3].state, by_lr[2e-3].state}
     assert outcome.best is not None and outcome.best.params["learning_rate"] > 1e-3
     # The best configuration is a spec that validates and searches nothing.
     best = SweepSpec.model_validate(

@@ -40,7 +40,7 @@ from simpo_sweep.engine.models import load_tokenizer
 from simpo_sweep.spec.models import DataColumns, DataSpec, ModelSpec
 
 # Bump when the tokenised output of the same inputs changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 MANIFEST_NAME = "manifest.json"
 LOCAL_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

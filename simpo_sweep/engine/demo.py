@@ -1,8 +1,8 @@
 """The built-in demo: a tokenizer, a tiny causal LM and a preference task, all built locally.
 
 Nothing here touches the network, so a sweep runs end to end on a laptop with no hub access
-and no GPU, and still has a real signal: the task is learnable by the tiny model within a
-minute of CPU training at a good learning rate, and not at a learning rate 100x lower.
+and no GPU, and still has a real signal: the task is learnable by the tiny model within
+seconds of CPU training at a good learning rate, and not at a learning rate 100x lower.
 
 The task, `builtin:rule-following`, is counting with a rule stated in the prompt. The chosen
 response follows the rule; the rejected one breaks it in one of two ways:
@@ -18,9 +18,13 @@ anywhere in the answer, and a count in the wrong direction is a perfect progress
 the prompt's "up"/"down" rules out. So the model has to learn both the progression and to read
 the rule from the prompt. Every prompt is a distinct rule instance (direction, step, start,
 length), and the hold-out is by prompt, so eval measures generalisation to unseen instances.
-Calibration (2 CPU cores, tiny-llama, batch 16, sigmoid beta 2, gamma_beta_ratio 0.5): held-out
-accuracy starts near 0.5, reaches 1.0 within about 75 steps at a learning rate of 1e-3, stays
-near 0.5 at 1e-5, and becomes unstable from about 2e-3.
+Calibration (one CPU thread, tiny-llama, batch 16, 150 steps with 10% warmup then cosine,
+sigmoid beta 2, gamma_beta_ratio 0.5, seeds 0-2; 150 steps take 5-10 s): held-out accuracy
+starts near 0.5; at learning rates 6e-4 to 2e-3 it passes 0.9 by step 75 and ends at 0.97-1.0;
+3e-4 ends near 0.92, 1e-4 near 0.55, 1e-5 near 0.5; from 3e-3 training turns unstable
+(0.65-1.0 depending on the seed, about 0.8 at 5e-3). At 1e-3 every SimPO knob setting tried
+(beta 1-10, gamma_beta_ratio 0-1, hinge, label_smoothing up to 0.5, sft_weight 0.1) ends
+>= 0.99; sft_weight 1.0 slows learning (0.6-0.67 at 3e-4).
 """
 
 from __future__ import annotations

@@ -253,7 +253,11 @@ def _torch_varlen_attention(
     if query.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
-        options: dict[str, Any] = {"scale": scaling, **_varlen_causal_options()}
+        options = _varlen_causal_options()
+        if "scale" in _VARLEN_PARAMETERS:
+            options["scale"] = scaling
+        elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-6:
+            raise NotImplementedError("this torch's varlen_attn has no scale argument")
         if group > 1 and _VARLEN_PARAMETERS and "enable_gqa" in _VARLEN_PARAMETERS:
             options["enable_gqa"] = True
         elif group > 1:

@@ -75,7 +75,8 @@ def sequence_logps(
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
-            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [batch, length]"
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+            "disagree on [batch, length]"
         )
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != ignore_index

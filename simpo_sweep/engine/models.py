@@ -86,7 +86,12 @@ def load_model(
     loaded = _move(loaded, device=device)
     if model.gradient_checkpointing:
         # Non-reentrant checkpointing works with inputs that do not require grad and with DDP.
-        loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        enable = getattr(loaded, "activation_checkpointing_enable", None)
+        if callable(enable):
+            enable(activation_checkpointing_kwargs=options)
+        else:  # transformers before the rename (the name above is deprecated from 5.2x)
+            loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         # The KV cache is useless in training and conflicts with checkpointing.
         loaded.config.use_cache = False
     return loaded

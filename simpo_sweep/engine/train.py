@@ -224,7 +224,7 @@ class SimPOTrainer:
                 chunk[i : i + self.global_micro_batch]
                 for i in range(0, len(chunk), self.global_micro_batch)
             ]
-        random.Random(epoch).shuffle(grouped)
+        random.Random(self.training.seed * 100_003 + epoch).shuffle(grouped)
         return [index for batch in grouped for index in batch]
 
     def _pair_length(self, index: int) -> int:

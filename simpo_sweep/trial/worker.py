@@ -71,7 +71,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
     tokenizer = load_tokenizer(config.model)
     torch.manual_seed(config.training.seed)
-    model = load_model(config.model, tokenizer, device)
+    model = load_model(config.model, tokenizer, device, seed=config.training.seed)
     checkpoint_root = Path(tempfile.mkdtemp(prefix="simpo-ckpt-"))
     trainer = SimPOTrainer(
         model,
