@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,12 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
-        from simpo_sweep.service.errors import USER_ERRORS
+        from simpo_sweep.service.errors import user_errors
 
-        if isinstance(error, USER_ERRORS):
+        if isinstance(error, user_errors()):
             print(f"error: {error}", file=sys.stderr)
             return EXIT_FAILED
         raise
+
+
+def _treat_sigterm_as_ctrl_c() -> None:
+    """`simpo-sweep stop` (Ray Jobs) and Kubernetes send SIGTERM: end the sweep as Ctrl-C does,
+    resumable, with its MLflow runs marked interrupted."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -111,6 +118,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from simpo_sweep.service.commands import print_outcome
         from simpo_sweep.service.sweep import run_sweep
 
+        _treat_sigterm_as_ctrl_c()
+
         spec = load_spec(args.spec, args.overrides)
         text = Path(args.spec).read_text() if not args.overrides else None
         outcome = run_sweep(spec, spec_text=text, address=args.address)
@@ -119,6 +128,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         from simpo_sweep.service.commands import print_outcome
         from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, run_sweep
+
+        _treat_sigterm_as_ctrl_c()
 
         sweep_dir = find_sweep_dir(args.sweep)
         spec = load_sweep_spec(sweep_dir)

@@ -11,10 +11,9 @@ class JobError(RuntimeError):
     """A Ray Job that cannot be submitted, found or followed."""
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
+    """Called only once an error is in hand: the data module imports torch and transformers,
+    which commands like `status` never need."""
     from simpo_sweep.engine.data import DataError
 
-    return (SweepError, JobError, DataError, FileNotFoundError)
-
-
-USER_ERRORS = _user_errors()
+    return (SweepError, JobError, DataError)

@@ -76,7 +76,11 @@ def storage_root(spec: SweepSpec) -> str:
 def tracking_uri(spec: SweepSpec) -> str | None:
     if not spec.tracking.enabled:
         return None
-    return spec.tracking.tracking_uri or default_tracking_uri(storage_root(spec))
+    return (
+        spec.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri(storage_root(spec))
+    )
 
 
 def connect(address: str | None) -> None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
@@ -71,6 +72,11 @@ def make_trainable(context: TrialContext) -> Any:
                 context.tracking_uri, context.experiment, spec.name, context.sweep_id
             )
             run_id = tracking.child_run(trial_id, flat_params(resolved))
+            # Where this attempt runs (Tune's own node_ip is the driver's in local mode).
+            tracking.client.set_tag(run_id, "simpo_sweep.node_ip", ray.util.get_node_ip_address())
+            tracking.client.set_tag(
+                run_id, "simpo_sweep.node_id", ray.get_runtime_context().get_node_id()
+            )
         local_mode = uses_local_mode(spec.resources)
         loop_config = {
             "trial": resolved.model_dump(),
