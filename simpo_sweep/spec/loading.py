@@ -273,14 +273,14 @@ def check_resources(spec: SweepSpec, available: Mapping[str, float], where: str)
             )
         )
     total_cpus = available.get("total_CPU", node_cpus)
-    needed = resources.num_workers * resources.cpus_per_worker + resources.trial_driver_cpus
+    needed = resources.num_workers * resources.cpus_per_worker + resources.driver_cpus
     if needed > total_cpus:
+        driver = f" + driver {resources.driver_cpus:g}" if resources.driver_cpus else ""
         problems.append(
             Problem(
                 "resources.num_workers",
                 f"one trial needs {needed:g} CPUs ({resources.num_workers} workers x "
-                f"{resources.cpus_per_worker:g} + driver {resources.trial_driver_cpus:g}) but "
-                f"{where} has {total_cpus:g} in all",
+                f"{resources.cpus_per_worker:g}{driver}) but {where} has {total_cpus:g} in all",
             )
         )
     total_gpus = available.get("total_GPU", node_gpus)

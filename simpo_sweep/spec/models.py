@@ -301,6 +301,16 @@ class ResourcesSpec(StrictModel):
         ),
     )
 
+    @property
+    def loop_in_trial(self) -> bool:
+        """The trial's training loop runs in the Tune trial's own process (no worker group)."""
+        return self.num_workers == 1 and self.single_worker_in_trial
+
+    @property
+    def driver_cpus(self) -> float:
+        """CPUs a trial holds besides its workers'."""
+        return 0.0 if self.loop_in_trial else self.trial_driver_cpus
+
     @model_validator(mode="after")
     def _fractional_gpus_single_worker(self) -> ResourcesSpec:
         fractional = 0 < self.gpus_per_worker < 1

@@ -42,14 +42,14 @@ class TrialContext:
 
 
 def uses_local_mode(resources: ResourcesSpec) -> bool:
-    return resources.num_workers == 1 and resources.single_worker_in_trial
+    return resources.loop_in_trial
 
 
 def trial_resources(resources: ResourcesSpec) -> dict[str, float]:
     """What the Tune trial itself holds: in local mode it is the worker, else only the driver."""
     if uses_local_mode(resources):
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
-    return {"cpu": resources.trial_driver_cpus, "gpu": 0.0}
+    return {"cpu": resources.driver_cpus, "gpu": 0.0}
 
 
 def sampled_values(config: dict[str, Any]) -> dict[str, Any]:
