@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,12 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
-def _treat_sigterm_as_ctrl_c() -> None:
-    """`simpo-sweep stop` (Ray Jobs) and Kubernetes send SIGTERM: end the sweep as Ctrl-C does,
-    resumable, with its MLflow runs marked interrupted."""
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     from simpo_sweep.spec.loading import load_spec
 
@@ -118,8 +111,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from simpo_sweep.service.commands import print_outcome
         from simpo_sweep.service.sweep import run_sweep
 
-        _treat_sigterm_as_ctrl_c()
-
         spec = load_spec(args.spec, args.overrides)
         text = Path(args.spec).read_text() if not args.overrides else None
         outcome = run_sweep(spec, spec_text=text, address=args.address)
@@ -128,8 +119,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         from simpo_sweep.service.commands import print_outcome
         from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, run_sweep
-
-        _treat_sigterm_as_ctrl_c()
 
         sweep_dir = find_sweep_dir(args.sweep)
         spec = load_sweep_spec(sweep_dir)

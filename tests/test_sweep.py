@@ -281,6 +281,19 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     finished_before = set(yaml.safe_load((sweep_dir / "trial_states.json").read_text()))
     assert 1 <= len(finished_before) < 3
     assert "simpo-sweep resume" in (tmp_path / "run.log").read_text()
+    client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("t").experiment_id
+    interrupted = {run.data.tags[TAG_TRIAL_ID]: run for run in client.search_runs([experiment_id])}
+    assert interrupted["sweep"].info.status == "KILLED"
+    assert interrupted["sweep"].data.tags["simpo_sweep.status"] == "interrupted"
+    started_unfinished = [
+        run
+        for trial, run in interrupted.items()
+        if trial != "sweep" and trial not in finished_before
+    ]
+    assert started_unfinished, "the interrupted trial has no run"
+    for run in started_unfinished:
+        assert (run.info.status, run.data.tags["simpo_sweep.state"]) == ("KILLED", "unfinished")
 
     resumed = subprocess.run(
         [*cli, "resume", str(sweep_dir)], capture_output=True, text=True, env=cli_env, timeout=400
@@ -291,10 +304,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     with (sweep_dir / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(row["state"] for row in rows) == [STATE_COMPLETED] * 3
-    client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
-    runs = client.search_runs(client.get_experiment_by_name("t").experiment_id)
+    runs = client.search_runs(experiment_id)
     trial_ids = [run.data.tags[TAG_TRIAL_ID] for run in runs]
     assert sorted(trial_ids) == sorted([*(row["trial_id"] for row in rows), "sweep"])
+    assert all(run.info.status == "FINISHED" for run in runs)
     for run in runs:
         if run.data.tags[TAG_TRIAL_ID] == "sweep":
             continue

@@ -10,6 +10,8 @@ Layout of a sweep on storage (`storage.path/<sweep id>/`):
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +97,14 @@ def connect(address: str | None) -> None:
             ray.init(include_dashboard=False)
     except ConnectionError as error:
         raise SweepError(f"cannot reach the Ray cluster at {address}: {error}") from error
+
+
+def _treat_sigterm_as_ctrl_c() -> None:
+    """`simpo-sweep stop` (Ray Jobs) and Kubernetes send SIGTERM: end the sweep as Ctrl-C does,
+    resumable, with its MLflow runs marked interrupted. Installed after ray.init, which sets
+    a handler of its own that would end the process at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
 
 
 def _alive_nodes() -> list[dict[str, Any]]:
@@ -188,6 +198,7 @@ def run_sweep(
     sweep_dir = Path(storage) / sweep_id
     uri = tracking_uri(spec)
     connect(address)
+    _treat_sigterm_as_ctrl_c()
     check_cluster(spec, storage, uri)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +274,10 @@ def run_sweep(
     if tracking is not None:
         from simpo_sweep.service.report import write_report  # report builds on this module
 
+        for row in rows:
+            run_id = tracking.run_id_for(row.trial_id) if row.state == STATE_UNFINISHED else None
+            if run_id is not None:
+                tracking.finish_trial(run_id, row.state, row.diagnosis)
         if rows:
             files.update(
                 (f"report/{path.name}", path) for path in write_report(spec, sweep_dir, tracking)[1]

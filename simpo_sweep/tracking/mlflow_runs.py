@@ -41,6 +41,7 @@ TRIAL_STATES = {
     "stopped_early": "KILLED",
     "degenerate": "KILLED",
     "failed": "FAILED",
+    "unfinished": "KILLED",  # interrupted; `resume` sets it running again
 }
 # The metric whose history says which steps a run already holds.
 PROGRESS_METRIC = "train/loss"
