@@ -28,18 +28,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
+def wait_http(
+    url: str, timeout_s: float, process: subprocess.Popen[bytes], log: Path | None = None
+) -> None:
+    """Until `url` answers 200; fails early, with the end of its log, if `process` exits."""
+    tail = (lambda: ": " + log.read_text(errors="replace")[-2000:]) if log else (lambda: "")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"process serving {url} exited with {process.returncode}")
+            raise RuntimeError(f"process serving {url} exited with {process.returncode}{tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s{tail()}")
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +73,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{uri}/health", 90, process)
+        wait_http(f"{uri}/health", 90, process)
         yield uri
     finally:
         process.terminate()

@@ -19,11 +19,9 @@ import csv
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port, wait_http
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 from ray.util.state.api import StateApiClient
@@ -46,12 +45,6 @@ MLFLOW_SERVER = ROOT / "cluster" / "mlflow" / "server.sh"
 SIMPO_SWEEP = str(Path(sys.executable).with_name("simpo-sweep"))
 SECOND_HOST = "127.0.0.3"  # another loopback address: Ray sees a second machine
 TRIAL_ACTOR = "ImplicitFunc"  # the actor class of a Tune function trainable
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -165,20 +158,6 @@ def _cluster_env() -> dict[str, str]:
     return env
 
 
-def _wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s: {log.read_text()[-2000:]}")
-
-
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
     """End the process group this module started (the MLflow server and its workers)."""
     if process.poll() is None:
@@ -195,7 +174,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e-cluster")
     state_dir = root / "ray-state"
     # The MLflow server first: it comes up while the Ray nodes start.
-    port = _free_port()
+    port = free_port()
     log_path = root / "mlflow-server.log"
     with log_path.open("wb") as log:
         mlflow_server = subprocess.Popen(
@@ -238,7 +217,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert exported["LOCAL_RAY_NUM_NODES"] == "3"
         uri = f"http://127.0.0.1:{port}"
-        _wait_http(f"{uri}/health", 180, mlflow_server, log_path)
+        wait_http(f"{uri}/health", 180, mlflow_server, log_path)
         yield Stack(
             root=root,
             state_dir=state_dir,
@@ -442,7 +421,7 @@ def test_stop_ends_a_running_sweep(stack: Stack) -> None:
 @pytest.mark.slow
 def test_clear_errors_for_wrong_address_and_token(stack: Stack, tmp_path: Path) -> None:
     spec = _spec(stack, "unreached")
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     no_token = stack.cli_env(HOME=str(tmp_path))  # no ~/.ray/auth_token either
     del no_token["RAY_AUTH_TOKEN"]
     wrong_token = stack.cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)

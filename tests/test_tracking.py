@@ -288,7 +288,7 @@ def test_metric_logger_skips_steps_the_run_already_holds(mlflow_server: str) -> 
 
 
 def test_ui_serves_the_embedded_store_of_a_sweep(tmp_path: Path) -> None:
-    from conftest import _wait_http, free_port
+    from conftest import free_port, wait_http
 
     sweep_dir = tmp_path / "runs" / "demo-1"
     sweep_dir.mkdir(parents=True)
@@ -303,7 +303,7 @@ def test_ui_serves_the_embedded_store_of_a_sweep(tmp_path: Path) -> None:
         start_new_session=True,  # mlflow's web workers go down with it
     )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 180, ui)
+        wait_http(f"http://127.0.0.1:{port}/health", 180, ui)
         served = MlflowClient(f"http://127.0.0.1:{port}")
         assert served.get_run(tracking.parent_run_id).data.tags[TAG_TRIAL_ID] == "sweep"
     finally:
