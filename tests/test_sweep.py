@@ -16,15 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune.search.variant_generator import generate_variants
 
 from simpo_sweep.service.results import (
     STATE_COMPLETED,
     STATE_DEGENERATE,
     STATE_STOPPED_EARLY,
 )
+from simpo_sweep.service.search import param_space
 from simpo_sweep.service.sweep import SweepOutcome, run_sweep
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.tracking.mlflow_runs import TAG_TRIAL_ID, SweepTracking
@@ -126,6 +129,39 @@ def test_random_search_leaves_label_smoothing_unsampled_under_hinge(tmp_path: Pa
             assert 0.05 <= smoothing <= 0.3
         assert 1.0 <= row.params["beta"] <= 10.0
     assert len({row.params["beta"] for row in outcome.rows}) == 4
+
+
+def test_random_search_with_a_seed_draws_the_same_trials_every_time(tmp_path: Path) -> None:
+    """The conditional label_smoothing included: it is drawn outside Tune's seeded generator."""
+    spec = SweepSpec.model_validate(
+        demo_spec(
+            tmp_path,
+            search={
+                "algorithm": "random",
+                "num_samples": 8,
+                "seed": 3,
+                "space": {
+                    "loss_type": {"type": "choice", "values": ["sigmoid", "hinge"]},
+                    "label_smoothing": {"type": "uniform", "low": 0.05, "high": 0.3},
+                    "beta": {"type": "loguniform", "low": 1.0, "high": 10.0},
+                },
+            },
+        )
+    )
+
+    def draw() -> list[dict[str, Any]]:
+        # As BasicVariantGenerator does: a fresh space, one seeded generator across samples.
+        space = param_space(spec, spec.search)
+        generator = np.random.default_rng(spec.search.seed)
+        return [
+            config
+            for _ in range(spec.search.num_samples)
+            for _, config in generate_variants(space, random_state=generator)
+        ]
+
+    first, second = draw(), draw()
+    assert first == second
+    assert any(config["simpo.label_smoothing"] is not None for config in first)
 
 
 def test_optuna_tpe_search(tmp_path: Path) -> None:

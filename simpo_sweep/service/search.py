@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -59,6 +60,9 @@ def param_space(spec: SweepSpec, search: SearchSpec) -> dict[str, Any]:
     points = grid_points(spec.model_copy(update={"search": search}))
     if points != [{}]:
         space["grid"] = tune.grid_search(points)
+    # Tune hands a sample_from function only the config, not the generator's seeded random
+    # state, so conditional knobs draw from their own generator seeded like the search.
+    conditional_rng = np.random.default_rng(search.seed)
     for key, domain in search.space.items():
         if isinstance(domain, GridDomain):
             continue
@@ -78,7 +82,7 @@ def param_space(spec: SweepSpec, search: SearchSpec) -> dict[str, Any]:
             ) -> Any:
                 if _loss_type_of(config, fixed) != only_for:
                     return None
-                return domain.sample()
+                return domain.sample(random_state=conditional_rng)
 
             space[path] = tune.sample_from(conditional)
     return space
