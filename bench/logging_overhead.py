@@ -4,7 +4,7 @@ Trains the quickstart's demo model for the same steps three ways, in one process
 runs so that drift on the machine hits all alike:
   none        no tracking;
   sqlite      the embedded default store (sqlite:///.../mlflow.db);
-  server      a `mlflow server` on loopback started here (what a cluster uses);
+  server      `mlflow server` on loopback from cluster/mlflow/server.sh (what a cluster uses);
 every metric of every step logged through MetricLogger (buffered, written by a background
 thread). Prints the median step time of each and the overhead against `none`; the goal is
 under 2%.
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -40,27 +42,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The project's server recipe (cluster/mlflow/server.sh), on loopback with one worker."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    recipe = ROOT / "cluster" / "mlflow" / "server.sh"
     process = subprocess.Popen(
-        [
-            mlflow,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--default-artifact-root",
-            str(root / "artifacts"),
-        ],
+        ["bash", str(recipe), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={
+            **os.environ,
+            "MLFLOW_SERVER_ROOT": str(root / "server"),
+            "MLFLOW_EXECUTABLE": str(Path(sys.executable).with_name("mlflow")),
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the server and its workers end together
     )
     uri = f"http://127.0.0.1:{port}"
     for _ in range(180):
@@ -69,7 +65,7 @@ def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
             return process, uri
         except OSError:
             time.sleep(0.5)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise RuntimeError("mlflow server did not start")
 
 
@@ -148,7 +144,7 @@ def main() -> None:
                 writer_share[name].append(share)
                 hot_path_share[name].append(hot)
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         shutil.rmtree(root, ignore_errors=True)
     # The fastest of the repeats: the machine's other load only ever adds time.

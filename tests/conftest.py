@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray's own usage-stats prompt and its dashboard are not needed in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+MLFLOW_SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "mlflow" / "server.sh"
 
 
 def free_port() -> int:
@@ -46,42 +50,64 @@ def wait_http(
     raise TimeoutError(f"{url} did not answer within {timeout_s} s{tail()}")
 
 
+@dataclass
+class MlflowServer:
+    """cluster/mlflow/server.sh on loopback (SQLite + artifact folder under `root`, one worker),
+    in a process group of its own so that stopping it ends the server's workers too."""
+
+    process: subprocess.Popen[bytes]
+    uri: str
+    log: Path
+
+    @classmethod
+    def start(cls, root: Path) -> MlflowServer:
+        port = free_port()
+        log = root / "mlflow-server.log"
+        with log.open("wb") as handle:
+            process = subprocess.Popen(
+                [
+                    "bash",
+                    str(MLFLOW_SERVER_SCRIPT),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                ],
+                env={
+                    **os.environ,
+                    "MLFLOW_SERVER_ROOT": str(root / "mlflow"),
+                    "MLFLOW_EXECUTABLE": str(Path(sys.executable).with_name("mlflow")),
+                },
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return cls(process, f"http://127.0.0.1:{port}", log)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        wait_http(f"{self.uri}/health", timeout_s, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=20)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` process on loopback with a SQLite store; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(
-        [
-            mlflow,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer.start(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        wait_http(f"{uri}/health", 90, process)
-        yield uri
+        server.wait_ready(90)
+        yield server.uri
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

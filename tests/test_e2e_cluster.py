@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import free_port, wait_http
+from conftest import MlflowServer, free_port
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 from ray.util.state.api import StateApiClient
@@ -41,7 +40,6 @@ from simpo_sweep.spec.models import SweepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "cluster" / "local_cluster.sh"
-MLFLOW_SERVER = ROOT / "cluster" / "mlflow" / "server.sh"
 SIMPO_SWEEP = str(Path(sys.executable).with_name("simpo-sweep"))
 SECOND_HOST = "127.0.0.3"  # another loopback address: Ray sees a second machine
 TRIAL_ACTOR = "ImplicitFunc"  # the actor class of a Tune function trainable
@@ -158,41 +156,12 @@ def _cluster_env() -> dict[str, str]:
     return env
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """End the process group this module started (the MLflow server and its workers)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e-cluster")
     state_dir = root / "ray-state"
     # The MLflow server first: it comes up while the Ray nodes start.
-    port = free_port()
-    log_path = root / "mlflow-server.log"
-    with log_path.open("wb") as log:
-        mlflow_server = subprocess.Popen(
-            [
-                "bash",
-                str(MLFLOW_SERVER),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            env={**os.environ, "MLFLOW_SERVER_ROOT": str(root / "mlflow")},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    mlflow_server = MlflowServer.start(root)
     try:
         start = subprocess.run(
             [
@@ -216,14 +185,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             re.findall(r"^export (\w+)=(.*)$", (state_dir / "cluster.env").read_text(), re.M)
         )
         assert exported["LOCAL_RAY_NUM_NODES"] == "3"
-        uri = f"http://127.0.0.1:{port}"
-        wait_http(f"{uri}/health", 180, mlflow_server, log_path)
+        mlflow_server.wait_ready(180)
         yield Stack(
             root=root,
             state_dir=state_dir,
             dashboard=exported["LOCAL_RAY_DASHBOARD_URL"],
             token=Path(exported["RAY_AUTH_TOKEN_PATH"]).read_text().strip(),
-            mlflow_uri=uri,
+            mlflow_uri=mlflow_server.uri,
         )
     finally:
         subprocess.run(
@@ -232,7 +200,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             capture_output=True,
             timeout=120,
         )
-        _stop_group(mlflow_server)
+        mlflow_server.stop()
 
 
 @pytest.fixture(scope="module")
