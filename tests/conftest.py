@@ -50,6 +50,17 @@ def wait_http(
     raise TimeoutError(f"{url} did not answer within {timeout_s} s{tail()}")
 
 
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """End a process started with start_new_session=True and everything it started."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+
+
 @dataclass
 class MlflowServer:
     """cluster/mlflow/server.sh on loopback (SQLite + artifact folder under `root`, one worker),
@@ -90,13 +101,7 @@ class MlflowServer:
         wait_http(f"{self.uri}/health", timeout_s, self.process, self.log)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
+        stop_process_group(self.process)
 
 
 @pytest.fixture(scope="session")

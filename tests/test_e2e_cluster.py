@@ -338,8 +338,10 @@ def test_submitted_sweep_runs_on_several_nodes_and_is_tracked(stack: Stack) -> N
     assert len(rows) == 3
     assert {row["state"] for row in rows} <= {"completed", "degenerate", "stopped_early"}, rows
     assert (sweep_dir / "results.md").read_text().count("\n|") >= 4  # header rule + 3 trials
-    best = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
-    assert best, "empty best_config.yaml"
+    # The best configuration: a spec that validates, searches nothing, and holds rank 1's values.
+    best = SweepSpec.model_validate(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
+    assert best.search.space == {}
+    assert best.training.learning_rate == float(rows[0]["learning_rate"])
 
     # The trials ran on more than one node (each Tune trial is an actor; Ray knows its node).
     actors = stack.actors(_ray_job_id(stack, job_id))
