@@ -336,6 +336,11 @@ def test_empty_responses_are_dropped_and_counted(tmp_path: Path) -> None:
         _expected_text({"prompt": p, "chosen": "", "rejected": ""})[0] for p in dropped_prompts
     }
     assert all(len(chosen) and len(rejected) for _, chosen, rejected in kept)
+    # decoded responses always end in EOS: what must be non-empty is the text before it
+    assert all(
+        chosen.removesuffix("</s>").strip() and rejected.removesuffix("</s>").strip()
+        for _, chosen, rejected in kept
+    )
 
 
 def test_data_with_only_empty_responses_is_an_error(tmp_path: Path) -> None:
@@ -343,6 +348,24 @@ def test_data_with_only_empty_responses_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="no training pairs left"):
         _prepare(tmp_path, _write(rows, tmp_path / "data.jsonl"))
+
+
+def test_an_eval_split_left_with_no_pairs_is_an_error(tmp_path: Path) -> None:
+    """Eval metrics are means over the eval pairs: an eval split that loses every pair is
+    refused when the data is prepared, not met as a division by zero at the first evaluation."""
+    rows = _rows(24)
+    train = _write(rows[:20], tmp_path / "train.jsonl")
+    held_out = _write([{**row, "rejected": " "} for row in rows[20:]], tmp_path / "eval.jsonl")
+
+    with pytest.raises(DataError) as raised:
+        _prepare(tmp_path, train, eval_split=str(held_out))
+
+    message = str(raised.value)
+    assert message.startswith(f"no eval pairs left from {held_out}: 4 of its 4 held-out rows")
+    assert "max_length=64 with max_prompt_length=24" in message
+    assert not (tmp_path / "cache").exists() or not [
+        path for path in (tmp_path / "cache").iterdir() if path.name != "hf_datasets"
+    ]  # nothing cached
 
 
 # ---- sources and splits ------------------------------------------------------------------------
@@ -485,3 +508,8 @@ def test_a_prepared_folder_loads_without_the_source(tmp_path: Path) -> None:
     assert loaded.stats == prepared.stats
     assert loaded.train.chosen_ids[-1] == loaded.train.chosen_ids[len(loaded.train) - 1]
     assert loaded.train.prompt_ids[1:3] == [loaded.train.prompt_ids[1], loaded.train.prompt_ids[2]]
+    # negative indices and slices against the prepared ids as plain lists (read by iteration)
+    prepared_prompts, prepared_chosen = _token_ids(prepared)[:2]
+    assert loaded.train.chosen_ids[-1] == prepared_chosen[-1]
+    assert loaded.train.prompt_ids[1:3] == prepared_prompts[1:3]
+    assert loaded.train.prompt_ids[-3:] == prepared_prompts[-3:]

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from simpo_sweep.engine import logps as logps_module
 from simpo_sweep.engine.batching import (
     Layout,
     PaddingFree,
@@ -186,6 +187,7 @@ def test_packing_without_position_restarts_would_be_caught() -> None:
         None,
         torch.arange(packed.input_ids.shape[1])[None],
         packed.num_pairs,
+        packed.num_tokens,
     )
     with torch.no_grad():
         good, bad = policy(packed).summed, policy(broken).summed
@@ -201,6 +203,11 @@ def test_packed_rows_layout() -> None:
     assert batch.input_ids.shape[1] == max(lengths)  # rows never longer than the longest sequence
     assert batch.input_ids.shape[0] < len(lengths)  # and fewer rows than the padded layout
     assert batch.num_tokens == sum(lengths)
+    for layout in LAYOUTS.values():
+        # an int counted at collate time, equal to the real tokens the tensors hold
+        collated = layout(examples)
+        assert type(collated.num_tokens) is int
+        assert collated.num_tokens == int((collated.sequence_ids >= 0).sum()) == sum(lengths)
     for index, length in enumerate(lengths):
         where = (batch.sequence_ids == index).nonzero()
         assert len(where) == length and where[:, 0].unique().numel() == 1  # whole, in one row
@@ -402,6 +409,25 @@ def test_fused_head_matches_plain_values_and_gradients() -> None:
 
 def test_fused_softmax_is_the_cuda_default_only() -> None:
     assert not fused_softmax_available(torch.device("cpu"))
+
+
+def test_fused_softmax_default_is_resolved_once_not_every_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+
+    def available(device: torch.device) -> bool:
+        asked.append(device.type)
+        return False
+
+    monkeypatch.setattr(logps_module, "fused_softmax_available", available)
+    policy = PolicyLogps(_model().eval(), chunk_tokens=7)
+    batch = collate_packed(_examples(), max_row_tokens=0, pad_token_id=PAD)
+    with torch.no_grad():
+        first, second = policy(batch), policy(batch)
+
+    assert policy.response_only and asked == ["cpu"]
+    torch.testing.assert_close(first.summed, second.summed)
 
 
 # ---- the automatic layout choice ----------------------------------------------------------------

@@ -1,15 +1,38 @@
-"""Spec validation: every rule has its message, its key path and its line; overrides; space."""
+"""Spec validation: every rule has its message, its key path and its line; overrides; space;
+how a staged search carries each stage's best into the next, and how trials rank (no Ray)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from simpo_sweep.cli import main
+from simpo_sweep.service.results import (
+    STATE_COMPLETED,
+    STATE_DEGENERATE,
+    STATE_FAILED,
+    STATE_STOPPED_EARLY,
+    STATE_UNFINISHED,
+    TrialRow,
+    best_row,
+    rank_rows,
+    write_results,
+)
+from simpo_sweep.service.sweep import next_stage_spec
 from simpo_sweep.spec.loading import Problem, SpecError, check_resources, parse_spec
 from simpo_sweep.spec.models import SweepSpec
-from simpo_sweep.spec.space import count_trials, flat_params, grid_points, trial_config
+from simpo_sweep.spec.space import (
+    count_trials,
+    flat_params,
+    grid_points,
+    searchable_paths,
+    searched_keys,
+    stage_specs,
+    trial_config,
+)
 
 SEARCH_SPACES = Path(__file__).parent.parent / "search_spaces"
 
@@ -130,6 +153,39 @@ def test_gamma_and_gamma_beta_ratio_are_never_mixed() -> None:
     assert "not both" in problem.message
 
 
+@pytest.mark.parametrize("key", ["gamma", "simpo.gamma"])
+@pytest.mark.parametrize("where", ["space", "stage"])
+def test_absolute_gamma_cannot_be_searched(key: str, where: str) -> None:
+    """gamma is converted to gamma_beta_ratio when the spec is read: a sampled gamma would
+    reach no trial, so searching it is refused, pointing at gamma_beta_ratio."""
+    domain = "{type: uniform, low: 0.5, high: 2.0}"
+    if where == "space":
+        text = f"name: s\nsearch:\n  space:\n    {key}: {domain}\n"
+        path, line = f"search.space.{key}", 4
+    else:
+        text = (
+            f"name: s\nsearch:\n  stages:\n    - name: g\n      space:\n        {key}: {domain}\n"
+        )
+        path, line = f"search.stages.0.space.{key}", 6
+    problem = only_problem(text)
+    assert (problem.path, problem.line) == (path, line)
+    assert "cannot be searched" in problem.message
+    assert "search gamma_beta_ratio instead (gamma = gamma_beta_ratio * beta)" in problem.message
+    assert "simpo.gamma" not in searchable_paths()
+    assert "simpo.gamma_beta_ratio" in searchable_paths()
+
+
+def test_absolute_gamma_is_converted_and_never_carried_further() -> None:
+    spec = parse_spec("name: s\nsimpo:\n  beta: 2.5\n  gamma: 1.25\n")
+    assert spec.simpo.gamma_beta_ratio == pytest.approx(0.5)
+    assert spec.simpo.gamma is None
+    assert "gamma" not in spec.model_dump()["simpo"]
+    # A searched gamma_beta_ratio wins over the converted fixed value.
+    config = trial_config(spec, {"simpo.gamma_beta_ratio": 0.8})
+    assert config.simpo.gamma_beta_ratio == 0.8
+    assert "gamma" not in flat_params(config) and flat_params(config)["gamma_beta_ratio"] == 0.8
+
+
 def test_grace_period_longer_than_training() -> None:
     problem = only_problem(
         "name: s\ntraining: {max_steps: 50}\nsearch:\n  scheduler: {type: asha, grace_period: 80}\n"
@@ -211,6 +267,10 @@ def test_shipped_specs_validate(path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "spec OK" in out and "trials:" in out
+    # Every shipped spec searches something, a staged one in its stages.
+    assert "nothing searched" not in out
+    for searched in searched_keys(parse_spec(path.read_text(), str(path))):
+        assert searched in out
 
 
 def test_validate_command_exit_code_and_message(
@@ -220,3 +280,99 @@ def test_validate_command_exit_code_and_message(
     spec.write_text("name: s\nsimpo:\n  beta: 0\n")
     assert main(["validate", str(spec)]) == 2
     assert "line 3: simpo.beta: Input should be greater than 0" in capsys.readouterr().err
+
+
+def trial_row(trial_id: str, sampled: dict[str, Any], metric: float | None, state: str) -> TrialRow:
+    """A row as trial_rows builds it: `sampled` holds the stage's searched knobs, by full path."""
+    return TrialRow(
+        trial_id=trial_id,
+        state=state,
+        step=20,
+        metric=metric,
+        diagnosis="",
+        params={},
+        sampled=sampled,
+    )
+
+
+def test_staged_search_carries_every_earlier_winner_into_the_last_stage_and_best_config(
+    tmp_path: Path,
+) -> None:
+    """Each stage runs from the best of the one before, and that one's values already hold the
+    winners before it: stage 1's learning rate reaches stage 3 and best_config.yaml."""
+    spec = parse_spec((SEARCH_SPACES / "staged-lr-gamma-beta.yaml").read_text())
+    assert searched_keys(spec) == [
+        "training.learning_rate",
+        "simpo.gamma_beta_ratio",
+        "simpo.beta",
+    ]
+    default_learning_rate = spec.training.learning_rate
+    finished_stages = [
+        {"training.learning_rate": (3.0e-4, 3.0e-3)},
+        {"simpo.gamma_beta_ratio": (1.0, 0.0)},
+        {"simpo.beta": (5.0, 10.0)},
+    ]
+    stage_spec, rows = spec, []
+    ran_with = []
+    for index, (stage, knob) in enumerate(zip(stage_specs(spec), finished_stages, strict=True)):
+        # As run_sweep does: the stage's spec from the one before and that one's trial rows.
+        stage_spec = next_stage_spec(stage, stage_spec, rows)
+        ran_with.append(stage_spec)
+        ((path, (worse, better)),) = knob.items()
+        rows = rank_rows(
+            stage_spec,
+            [
+                trial_row(f"s{index}-worse", {path: worse}, 0.6, STATE_COMPLETED),
+                trial_row(f"s{index}-better", {path: better}, 0.9, STATE_COMPLETED),
+            ],
+        )
+    first, second, third = ran_with
+    assert first.search.space == stage_specs(spec)[0].search.space
+    assert first.training.learning_rate == default_learning_rate
+    assert second.training.learning_rate == 3.0e-3
+    assert (third.training.learning_rate, third.simpo.gamma_beta_ratio) == (3.0e-3, 0.0)
+    assert third.simpo.beta == spec.simpo.beta  # stage 3 searches it; not yet decided
+    assert third.search.space == stage_specs(spec)[2].search.space and third.search.stages == []
+
+    files = write_results(stage_spec, rows, tmp_path)
+    best = SweepSpec.model_validate(yaml.safe_load(files["best_config.yaml"].read_text()))
+    assert (best.training.learning_rate, best.simpo.gamma_beta_ratio, best.simpo.beta) == (
+        3.0e-3,
+        0.0,
+        10.0,
+    )
+    assert best.search.space == {} and best.search.stages == []
+
+
+def test_a_stage_without_a_usable_trial_keeps_the_winners_before_it() -> None:
+    spec = parse_spec((SEARCH_SPACES / "staged-lr-gamma-beta.yaml").read_text())
+    first, second, third = stage_specs(spec)
+    stage_one = next_stage_spec(first, spec, [])
+    stage_two = next_stage_spec(
+        second,
+        stage_one,
+        [trial_row("lr", {"training.learning_rate": 3.0e-3}, 0.9, STATE_COMPLETED)],
+    )
+    failed = [trial_row("g", {"simpo.gamma_beta_ratio": 1.0}, None, STATE_FAILED)]
+    stage_three = next_stage_spec(third, stage_two, failed)
+    assert stage_three.training.learning_rate == 3.0e-3
+    assert stage_three.simpo.gamma_beta_ratio == spec.simpo.gamma_beta_ratio
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_ranking_puts_failed_degenerate_and_metricless_trials_last(mode: str) -> None:
+    spec = SweepSpec(name="s", search={"mode": mode})
+    rows = [
+        trial_row("failed", {}, 0.99 if mode == "max" else 0.01, STATE_FAILED),
+        trial_row("degenerate", {}, 0.98 if mode == "max" else 0.02, STATE_DEGENERATE),
+        trial_row("no-metric", {}, None, STATE_COMPLETED),
+        trial_row("good", {}, 0.7 if mode == "max" else 0.3, STATE_COMPLETED),
+        trial_row("interrupted", {}, 0.8 if mode == "max" else 0.2, STATE_UNFINISHED),
+        trial_row("stopped", {}, 0.5, STATE_STOPPED_EARLY),
+    ]
+    ranked = [row.trial_id for row in rank_rows(spec, rows)]
+    # An interrupted trial's metric is a real evaluation of the steps it ran: it ranks by it.
+    assert ranked[:3] == ["interrupted", "good", "stopped"]
+    assert set(ranked[3:]) == {"failed", "degenerate", "no-metric"}
+    best = best_row(rank_rows(spec, rows))
+    assert best is not None and best.trial_id == "interrupted"

@@ -13,13 +13,16 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 from transformers import PreTrainedModel
 
 from simpo_sweep.engine import demo
 from simpo_sweep.engine.data import PreparedData, TokenizedSplit, prepare_data
+from simpo_sweep.engine.metrics import diagnose
 from simpo_sweep.engine.models import load_model, load_tokenizer
-from simpo_sweep.engine.train import CHECKPOINT_FILE, SimPOTrainer, StepEvent
-from simpo_sweep.spec.models import DataSpec, ModelSpec, SimPOSpec, TrainingSpec
+from simpo_sweep.engine.train import CHECKPOINT_FILE, PairDataset, SimPOTrainer, StepEvent, pair_at
+from simpo_sweep.spec.models import DataSpec, DiagnosticsSpec, ModelSpec, SimPOSpec, TrainingSpec
 
 MODEL = ModelSpec()
 TOKENIZER = load_tokenizer(MODEL)
@@ -65,11 +68,13 @@ def _trainer(
     model: PreTrainedModel | None = None,
     checkpoint_root: Path | None = None,
     simpo: SimPOSpec | None = None,
+    train_data: PairDataset | None = None,
     **training: Any,
 ) -> SimPOTrainer:
+    """A trainer on `prepared` (`train_data` replaces its training split)."""
     return SimPOTrainer(
         model or load_model(MODEL, TOKENIZER, "cpu", seed=model_seed),
-        prepared.train,
+        train_data if train_data is not None else prepared.train,
         prepared.eval,
         training=TrainingSpec(**{**QUICK, **training}),
         simpo=simpo or SimPOSpec(),
@@ -238,6 +243,30 @@ def test_bf16_autocast_when_asked_for_on_cpu(prepared: PreparedData) -> None:
     low = bf16.evaluate()
     # log-softmax runs in float32 either way; bf16 matmuls move mean log-probs by < 0.05 nats
     assert low["eval/logps/chosen"] == pytest.approx(full["eval/logps/chosen"], abs=0.05)
+    # ... but they do move them (by ~1e-4 on this model): autocast really ran in bf16
+    assert low["eval/logps/chosen"] != full["eval/logps/chosen"]
+
+
+def test_evaluation_does_not_run_through_the_ddp_wrapper(
+    prepared: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DDP's forward syncs buffers across ranks, a collective that a rank without an eval batch
+    never joins: evaluation must call the unwrapped policy (a one-process gloo group here)."""
+    trainer = _trainer(prepared, max_steps=1)
+    expected = trainer.evaluate()
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        trainer.policy = nn.parallel.DistributedDataParallel(trainer.policy)
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("evaluation ran through DistributedDataParallel")
+
+        monkeypatch.setattr(nn.parallel.DistributedDataParallel, "forward", refuse)
+        assert trainer.evaluate() == expected
+    finally:
+        dist.destroy_process_group()
 
 
 def test_group_by_length_still_visits_every_pair_once_an_epoch(prepared: PreparedData) -> None:
@@ -249,9 +278,79 @@ def test_group_by_length_still_visits_every_pair_once_an_epoch(prepared: Prepare
     assert order != trainer._epoch_order(1)
 
 
+def test_pair_lengths_for_grouping_are_counted_from_the_columns(prepared: PreparedData) -> None:
+    """Arrow-backed columns count from their offsets; in-memory lists count the same."""
+    expected = []
+    for index in range(len(prepared.train)):
+        pair = pair_at(prepared.train, index)
+        expected.append(len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)))
+    in_memory = TokenizedSplit(
+        [list(ids) for ids in prepared.train.prompt_ids],
+        [list(ids) for ids in prepared.train.chosen_ids],
+        [list(ids) for ids in prepared.train.rejected_ids],
+    )
+
+    from_cache = _trainer(prepared, group_by_length=True)
+    from_lists = _trainer(prepared, group_by_length=True, train_data=in_memory)
+
+    assert from_cache._train_pair_lengths == expected
+    assert from_lists._train_pair_lengths == expected
+    assert from_cache._epoch_order(0) == from_lists._epoch_order(0)
+
+
 def test_too_few_pairs_for_one_micro_batch_is_an_error(prepared: PreparedData) -> None:
     with pytest.raises(ValueError, match="cannot fill one micro-batch"):
         _trainer(prepared, batch_size=len(prepared.train) + 1)
+
+
+# ---- diagnostics -------------------------------------------------------------------------------
+
+
+def _logps_reading(chosen: float, rejected: float, margin: float = 1.0) -> dict[str, float]:
+    return {
+        "train/loss": 0.5,
+        "train/logps/chosen": chosen,
+        "train/logps/rejected": rejected,
+        "train/rewards/margins": margin,
+    }
+
+
+def test_collapse_is_judged_on_length_averaged_logps_only() -> None:
+    """-12 per token is collapse; -225 summed over a response of ~100 tokens is a healthy -2.25."""
+    rules = DiagnosticsSpec()
+
+    def read(reading: dict[str, float], length_averaged: bool) -> Any:
+        return diagnose(
+            reading, step=10, max_steps=10, rules=rules, length_averaged=length_averaged
+        )
+
+    averaged = read(_logps_reading(-12.0, -13.0), length_averaged=True)
+    summed = read(_logps_reading(-225.0, -260.0), length_averaged=False)
+
+    assert averaged.verdict == "degenerate" and "collapse" in averaged.summary()
+    assert summed.verdict == "healthy", summed.summary()
+    # the margin thresholds are on the averaged scale too: a summed margin of 20 is no
+    # over-fitting sign, nor 0.1 a sign of not learning
+    for margin in (20.0, 0.1):
+        assert read(_logps_reading(-225.0, -260.0, margin), length_averaged=False).verdict == (
+            "healthy"
+        )
+        assert read(_logps_reading(-1.2, -2.5, margin), length_averaged=True).verdict == "warning"
+    # the scale-free rules hold either way
+    for length_averaged in (True, False):
+        assert read(
+            {**_logps_reading(-2.0, -3.0), "train/loss": math.nan}, length_averaged
+        ).degenerate
+        assert read(_logps_reading(0.5, -3.0), length_averaged).degenerate
+
+
+def test_summed_logps_train_without_a_collapse_verdict(prepared: PreparedData) -> None:
+    """The demo model's summed log-probs are far below -10 from the first step: not collapse."""
+    result = _trainer(prepared, max_steps=2, simpo=SimPOSpec(average_log_prob=False)).fit()
+
+    assert result.metrics["train/logps/chosen"] < -10
+    assert result.metrics["train/logps/rejected"] < -10
+    assert not result.diagnosis.degenerate and result.stopped_reason is None, result.diagnosis
 
 
 # ---- the step hook and checkpoints -------------------------------------------------------------
@@ -353,14 +452,6 @@ def test_trainer_accepts_a_tokenized_split_built_in_memory(prepared: PreparedDat
         [list(ids) for ids in prepared.train.rejected_ids],
     )
     from_cache = _trainer(prepared, max_steps=2)
-    trainer = SimPOTrainer(
-        load_model(MODEL, TOKENIZER, "cpu"),
-        in_memory,
-        prepared.eval,
-        training=TrainingSpec(**{**QUICK, "max_steps": 2}),
-        simpo=SimPOSpec(),
-        pad_token_id=TOKENIZER.pad_token_id,
-        device="cpu",
-    )
+    trainer = _trainer(prepared, max_steps=2, train_data=in_memory)
 
     assert _model_metrics(trainer.fit().metrics) == _model_metrics(from_cache.fit().metrics)

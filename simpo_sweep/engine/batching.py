@@ -98,19 +98,13 @@ class PairBatch:
     attention_mask: torch.Tensor | None  # padded layout
     position_ids: torch.Tensor | None  # packed layout
     num_pairs: int
+    # real (non-padding) tokens, counted on the CPU at collate time: reading it never waits for
+    # the device
+    num_tokens: int
     # one-row packed layout: sequence boundaries [0, len_0, len_0 + len_1, ...] (int32) and the
     # longest sequence, handed to varlen kernels so that they need no device-to-host sync
     cu_seq_lens: torch.Tensor | None = None
     max_length: int | None = None
-
-    @property
-    def packed(self) -> bool:
-        return self.position_ids is not None
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens in the batch."""
-        return int((self.sequence_ids >= 0).sum())
 
     def model_inputs(self) -> dict[str, torch.Tensor | int]:
         inputs: dict[str, torch.Tensor | int] = {"input_ids": self.input_ids}
@@ -135,6 +129,7 @@ class PairBatch:
             attention_mask=move(self.attention_mask),
             position_ids=move(self.position_ids),
             num_pairs=self.num_pairs,
+            num_tokens=self.num_tokens,
             cu_seq_lens=move(self.cu_seq_lens),
             max_length=self.max_length,
         )
@@ -168,7 +163,15 @@ def collate_padded(examples: Sequence[PairExample], pad_token_id: int) -> PairBa
         labels[row, prompt_length : len(tokens)] = token_tensor[prompt_length:]
         sequence_ids[row, : len(tokens)] = row
         attention_mask[row, : len(tokens)] = 1
-    return PairBatch(input_ids, labels, sequence_ids, attention_mask, None, len(examples))
+    return PairBatch(
+        input_ids,
+        labels,
+        sequence_ids,
+        attention_mask,
+        None,
+        len(examples),
+        sum(len(tokens) for tokens, _ in sequences),
+    )
 
 
 def collate_packed(
@@ -242,6 +245,7 @@ def collate_packed(
         None,
         position_tensor,
         len(examples),
+        sum(len(tokens) for tokens, _ in sequences),
         cu_seq_lens,
         max_length,
     )

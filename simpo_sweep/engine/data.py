@@ -35,7 +35,6 @@ import pyarrow as pa
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from simpo_sweep.engine import demo
-from simpo_sweep.engine.batching import PairExample
 from simpo_sweep.engine.models import load_tokenizer
 from simpo_sweep.spec.models import DataColumns, DataSpec, ModelSpec
 
@@ -482,7 +481,8 @@ class TokenizedSplit:
     """Token ids per pair: the prompt, and the chosen and rejected RESPONSES (not prompt+response).
 
     The columns are python lists when built in memory and arrow-backed `TokenIdColumn`s when
-    loaded from a prepared folder; both index to `list[int]`.
+    loaded from a prepared folder; both index to `list[int]`. A split is the trainer's
+    `PairDataset` (engine.train), which reads pairs column by column.
     """
 
     prompt_ids: Sequence[list[int]]
@@ -499,14 +499,6 @@ class TokenizedSplit:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
-
-    def __getitem__(self, index: int) -> PairExample:
-        """One pair, so that a split is directly the trainer's `PairDataset`."""
-        return PairExample(
-            prompt_ids=self.prompt_ids[index],
-            chosen_ids=self.chosen_ids[index],
-            rejected_ids=self.rejected_ids[index],
-        )
 
 
 @dataclass
@@ -934,6 +926,16 @@ def prepare_data(model: ModelSpec, data: DataSpec, cache_dir: str | Path) -> Pre
     )
     if stats["train_pairs"] == 0:
         raise DataError(f"no training pairs left from {source.description} (stats: {stats})")
+    if stats["eval_pairs"] == 0:
+        # Evaluation metrics are means over the eval pairs: with none there is nothing to
+        # average, and no trial could be compared with another.
+        raise DataError(
+            f"no eval pairs left from {eval_location}: {stats['eval_dropped_empty']} of its "
+            f"{stats['eval_rows']} held-out rows were dropped (a chosen or rejected response "
+            "with no content, or no response tokens left after truncation to "
+            f"max_length={data.max_length} with max_prompt_length={data.max_prompt_length}) "
+            f"(stats: {stats})"
+        )
 
     temporary = cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

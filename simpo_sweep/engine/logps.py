@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simpo_sweep.engine.batching import PairBatch
-
-IGNORE_INDEX = -100
+from simpo_sweep.engine.batching import IGNORE_INDEX, PairBatch
 
 
 @dataclass
@@ -329,6 +327,17 @@ class PolicyLogps(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.response_only = response_only and _supports_response_only_head(model)
         self.fused_softmax = fused_softmax
+        # fused_softmax None, resolved once per device type rather than on every forward (it
+        # tries an import); per device type because the model may move after construction
+        self._fused_by_device_type: dict[str, bool] = {}
+
+    def _use_fused_softmax(self, device: torch.device) -> bool:
+        if self.fused_softmax is not None:
+            return self.fused_softmax
+        fused = self._fused_by_device_type.get(device.type)
+        if fused is None:
+            fused = self._fused_by_device_type[device.type] = fused_softmax_available(device)
+        return fused
 
     def forward(self, batch: PairBatch) -> ResponseLogps:
         # position t predicts token t+1: responses are read off the shifted labels
@@ -344,11 +353,12 @@ class PolicyLogps(nn.Module):
             hidden = decoder(**model_inputs, use_cache=False).last_hidden_state[:, :-1]
             head = self.model.get_output_embeddings()  # type: ignore[operator]
             response_hidden = hidden[rows, positions]
-            fused = self.fused_softmax
-            if fused is None:
-                fused = fused_softmax_available(response_hidden.device)
             token_logps, mean_logits = _ChunkedResponseLogps.apply(
-                response_hidden, head.weight, targets, self.chunk_tokens, fused
+                response_hidden,
+                head.weight,
+                targets,
+                self.chunk_tokens,
+                self._use_fused_softmax(response_hidden.device),
             )
         else:
             logits = self.model(**model_inputs, use_cache=False).logits[:, :-1][rows, positions]

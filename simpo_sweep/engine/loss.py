@@ -14,6 +14,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from simpo_sweep.engine.batching import IGNORE_INDEX
+
 LossType = Literal["sigmoid", "hinge"]
 
 
@@ -64,7 +66,7 @@ def sequence_logps(
     labels: torch.Tensor,
     *,
     average: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Log-prob of each row's labelled tokens, summed or averaged over those tokens.
 
@@ -88,12 +90,20 @@ def sequence_logps(
 
 
 def reduce_token_logps(
-    summed_logps: torch.Tensor, token_counts: torch.Tensor, *, average: bool
+    summed_logps: torch.Tensor,
+    token_counts: torch.Tensor,
+    *,
+    average: bool,
+    check_empty: bool = True,
 ) -> torch.Tensor:
-    """Sum -> average over response tokens; a response with no tokens is an input error."""
+    """Sum -> average over response tokens; a response with no tokens is an input error.
+
+    The check reads the counts on the host (a device sync): `check_empty=False` is for callers
+    whose batches cannot hold an empty response (the trainer's: batching refuses them).
+    """
     if not average:
         return summed_logps
-    if bool((token_counts == 0).any()):
+    if check_empty and bool((token_counts == 0).any()):
         raise ValueError(
             "a response has no tokens left after truncation; drop such pairs before training"
         )

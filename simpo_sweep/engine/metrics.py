@@ -32,8 +32,13 @@ def simpo_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss (mean over the batch's pairs) and the per-pair sums of every metric."""
     num_pairs = response_logps.summed.shape[0] // 2
+    # No empty-response check here: it would cost a host/device sync every micro-batch, and
+    # batching refuses pairs with an empty response before they reach the model.
     logps = reduce_token_logps(
-        response_logps.summed, response_logps.token_counts, average=simpo.average_log_prob
+        response_logps.summed,
+        response_logps.token_counts,
+        average=simpo.average_log_prob,
+        check_empty=False,
     )
     chosen_logps, rejected_logps = logps[:num_pairs], logps[num_pairs:]
     preference = simpo_loss(
@@ -90,9 +95,17 @@ def diagnose(
     step: int,
     max_steps: int,
     rules: DiagnosticsSpec,
+    length_averaged: bool,
     prefix: str = "train",
 ) -> Diagnosis:
-    """Read one set of metrics the way shared/SIMPO.md's diagnostics table does."""
+    """Read one set of metrics the way shared/SIMPO.md's diagnostics table does.
+
+    `length_averaged`: whether the log-probs are averaged over response tokens
+    (SimPOSpec.average_log_prob). The collapse and reward-margin thresholds are defined on
+    averaged log-probs; summed ones scale with response length (a healthy -2 per token reads
+    -200 over 100 tokens), so without averaging only the scale-free rules apply: NaN/inf loss
+    and positive log-probs.
+    """
     diagnosis = Diagnosis()
     loss = metrics.get(f"{prefix}/loss")
     chosen = metrics.get(f"{prefix}/logps/chosen")
@@ -107,7 +120,8 @@ def diagnose(
                 f"rejected {rejected:.3g}) at step {step}"
             )
         elif (
-            chosen < rules.collapse_logp
+            length_averaged
+            and chosen < rules.collapse_logp
             and rejected < rules.collapse_logp
             and step >= rules.collapse_after_fraction * max_steps
         ):
@@ -115,7 +129,7 @@ def diagnose(
                 f"collapse: logps/chosen {chosen:.3g} and logps/rejected {rejected:.3g} both "
                 f"below {rules.collapse_logp} at step {step}; lower the learning rate"
             )
-    if margin is not None and math.isfinite(margin):
+    if length_averaged and margin is not None and math.isfinite(margin):
         late = step >= rules.late_fraction * max_steps
         if late and margin < rules.low_margin:
             diagnosis.warnings.append(

@@ -10,6 +10,7 @@ RNG) is in the checkpoint, so a stopped-and-resumed run ends with the same metri
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import resource
@@ -17,8 +18,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,8 +57,23 @@ class PairDataset(Protocol):
     def __len__(self) -> int: ...
 
 
+@runtime_checkable
+class CountedColumn(Protocol):
+    """A token-id column that knows every pair's token count without building its lists
+    (engine.data.TokenIdColumn, from its arrow offsets)."""
+
+    def lengths(self) -> np.ndarray: ...
+
+
 def pair_at(data: PairDataset, index: int) -> PairExample:
     return PairExample(data.prompt_ids[index], data.chosen_ids[index], data.rejected_ids[index])
+
+
+def column_lengths(column: Sequence[Sequence[int]]) -> np.ndarray:
+    """Token count of every pair in a column (int64)."""
+    if isinstance(column, CountedColumn):
+        return column.lengths()
+    return np.fromiter((len(ids) for ids in column), dtype=np.int64, count=len(column))
 
 
 @dataclass
@@ -154,6 +171,8 @@ class SimPOTrainer:
                 f"{len(train_data)} training pairs cannot fill one micro-batch of "
                 f"{self.global_micro_batch} pairs (batch_size x workers)"
             )
+        if len(eval_data) == 0:
+            raise ValueError("the eval split is empty: evaluation metrics are means over its pairs")
 
         torch.manual_seed(training.seed)
         self.model = model.to(self.device)
@@ -222,8 +241,9 @@ class SimPOTrainer:
         # batches of similar lengths without a fixed length curriculum.
         window = 32 * self.global_micro_batch
         grouped: list[list[int]] = []
+        pair_lengths = self._train_pair_lengths
         for start in range(0, len(order), window):
-            chunk = sorted(order[start : start + window], key=self._pair_length)
+            chunk = sorted(order[start : start + window], key=pair_lengths.__getitem__)
             grouped += [
                 chunk[i : i + self.global_micro_batch]
                 for i in range(0, len(chunk), self.global_micro_batch)
@@ -231,9 +251,16 @@ class SimPOTrainer:
         random.Random(self.training.seed * 100_003 + epoch).shuffle(grouped)
         return [index for batch in grouped for index in batch]
 
-    def _pair_length(self, index: int) -> int:
-        pair = pair_at(self.train_data, index)
-        return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+    @functools.cached_property
+    def _train_pair_lengths(self) -> list[int]:
+        """Padded length of each training pair (prompt + longer response), counted once:
+        arrow-backed columns count from their offsets without building any pair's lists."""
+        data = self.train_data
+        longer_response = np.maximum(
+            column_lengths(data.chosen_ids), column_lengths(data.rejected_ids)
+        )
+        lengths: list[int] = (column_lengths(data.prompt_ids) + longer_response).tolist()
+        return lengths
 
     def _collate(self, examples: Sequence[PairExample]) -> PairBatch:
         batch = collate_layout(examples, self.layout, self.pad_token_id)
@@ -263,12 +290,18 @@ class SimPOTrainer:
         return contextlib.nullcontext()
 
     def _reduce(
-        self, sums: dict[str, torch.Tensor], num_pairs: int, prefix: str
-    ) -> dict[str, float]:
+        self, sums: dict[str, torch.Tensor], num_pairs: int, prefix: str, num_tokens: int = 0
+    ) -> tuple[dict[str, float], float]:
+        """Means of the summed metrics over all workers' pairs, and all workers' token count.
+
+        One tensor, so one collective and one device-to-host copy per step.
+        """
         stacked = torch.stack([*(sums[name].float() for name in PAIR_SUMS)])
-        stacked = torch.cat([stacked, torch.tensor([float(num_pairs)], device=stacked.device)])
-        totals: list[float] = _all_reduce_sum(stacked).tolist()
-        return sums_to_means(dict(zip(PAIR_SUMS, totals[:-1], strict=True)), totals[-1], prefix)
+        counts = torch.tensor([float(num_pairs), float(num_tokens)], device=stacked.device)
+        totals: list[float] = _all_reduce_sum(torch.cat([stacked, counts])).tolist()
+        *metric_totals, total_pairs, total_tokens = totals
+        means = sums_to_means(dict(zip(PAIR_SUMS, metric_totals, strict=True)), total_pairs, prefix)
+        return means, total_tokens
 
     def train_step(self, micro_batches: Iterator[PairBatch]) -> dict[str, float]:
         self.model.train()
@@ -307,11 +340,10 @@ class SimPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        metrics = self._reduce(sums, num_pairs, "train")
+        metrics, total_tokens = self._reduce(sums, num_pairs, "train", num_tokens)
         if not self.simpo.sft_weight:
             metrics.pop("train/sft_loss")
         elapsed = time.perf_counter() - started
-        total_tokens = _all_reduce_sum(torch.tensor([float(num_tokens)], device=self.device)).item()
         metrics.update(
             {
                 "train/grad_norm": float(grad_norm),
@@ -323,9 +355,21 @@ class SimPOTrainer:
         )
         return metrics
 
+    @property
+    def _unwrapped_policy(self) -> nn.Module:
+        """The PolicyLogps without its DistributedDataParallel wrapper (when it has one)."""
+        if isinstance(self.policy, nn.parallel.DistributedDataParallel):
+            module: nn.Module = self.policy.module
+            return module
+        return self.policy
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
+        # Not through DDP: its first forward after a training step broadcasts buffers, a
+        # collective that a rank without an eval batch would never join (a hang). Unwrapped,
+        # the only collective here is the metrics' all_reduce, which every rank reaches.
+        policy = self._unwrapped_policy
         sums = {name: torch.zeros((), device=self.device) for name in PAIR_SUMS}
         num_pairs = 0
         size = self.training.eval_batch_size
@@ -336,11 +380,11 @@ class SimPOTrainer:
                 for i in range(start, min(start + size, len(self.eval_data)))
             ]
             with self._autocast():
-                _, batch_sums = simpo_objective(self.policy(self._collate(examples)), self.simpo)
+                _, batch_sums = simpo_objective(policy(self._collate(examples)), self.simpo)
             for name in PAIR_SUMS:
                 sums[name] += batch_sums[name]
             num_pairs += len(examples)
-        metrics = self._reduce(sums, num_pairs, "eval")
+        metrics, _ = self._reduce(sums, num_pairs, "eval")
         if not self.simpo.sft_weight:
             metrics.pop("eval/sft_loss")
         return metrics
@@ -400,7 +444,11 @@ class SimPOTrainer:
             if self.step % training.eval_every == 0 or done:
                 event.eval_metrics = self.evaluate()
             diagnosis = diagnose(
-                train_metrics, step=self.step, max_steps=training.max_steps, rules=self.diagnostics
+                train_metrics,
+                step=self.step,
+                max_steps=training.max_steps,
+                rules=self.diagnostics,
+                length_averaged=self.simpo.average_log_prob,
             )
             event.diagnosis = diagnosis
             degenerate = bool(diagnosis.degenerate) and self.diagnostics.stop_degenerate

@@ -9,10 +9,18 @@ from pathlib import Path
 
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.results import format_table
-from simpo_sweep.service.sweep import SweepOutcome, find_sweep_dir, load_sweep_spec, tracking_uri
+from simpo_sweep.service.sweep import (
+    SweepOutcome,
+    alive_nodes,
+    cluster_resources,
+    connect,
+    find_sweep_dir,
+    load_sweep_spec,
+    tracking_uri,
+)
 from simpo_sweep.spec.loading import SpecError, check_resources, load_spec
 from simpo_sweep.spec.models import SweepSpec
-from simpo_sweep.spec.space import count_trials, describe_domain, resolve_key
+from simpo_sweep.spec.space import count_trials, describe_space, searched_keys
 from simpo_sweep.tracking.mlflow_runs import is_local_store
 from simpo_sweep.tracking.redact import redact_text
 
@@ -30,18 +38,8 @@ def _local_resources() -> dict[str, float]:
 
 
 def _cluster_resources(address: str) -> dict[str, float]:
-    import ray
-
-    from simpo_sweep.service.sweep import connect
-
     connect(address)
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    return {
-        "CPU": max(node.get("CPU", 0.0) for node in nodes),
-        "GPU": max(node.get("GPU", 0.0) for node in nodes),
-        "total_CPU": sum(node.get("CPU", 0.0) for node in nodes),
-        "total_GPU": sum(node.get("GPU", 0.0) for node in nodes),
-    }
+    return cluster_resources(alive_nodes())
 
 
 def validate(spec: SweepSpec, address: str | None = None) -> str:
@@ -51,9 +49,8 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
     if problems:
         raise SpecError("resources", problems)
     lines = [f"spec OK: sweep '{spec.name}'", "search space:"]
-    for key, domain in spec.search.space.items():
-        lines.append(f"  {resolve_key(key)}: {describe_domain(domain)}")
-    if not spec.search.space:
+    lines += [f"  {line}" for line in describe_space(spec)]
+    if not searched_keys(spec):
         lines.append("  (nothing searched: one configuration)")
     scheduler = spec.search.scheduler
     lines += [
@@ -65,9 +62,6 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
         f"x {spec.resources.cpus_per_worker:g} CPU"
         + (f", {spec.resources.gpus_per_worker:g} GPU" if spec.resources.gpus_per_worker else ""),
     ]
-    for index, stage in enumerate(spec.search.stages, start=1):
-        knobs = ", ".join(resolve_key(key) for key in stage.space)
-        lines.append(f"stage {index} '{stage.name}': {knobs}")
     return "\n".join(lines)
 
 

@@ -16,14 +16,15 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt
 
 from simpo_sweep.service.errors import SweepError
-from simpo_sweep.service.results import TrialRow, format_table
+from simpo_sweep.service.results import STATE_UNFINISHED, TrialRow, format_table, rank_rows
 from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, tracking_uri
 from simpo_sweep.spec.models import SweepSpec
-from simpo_sweep.spec.space import param_name, resolve_key
+from simpo_sweep.spec.space import param_name, searched_keys
 from simpo_sweep.tracking.mlflow_runs import (
     TAG_DIAGNOSIS,
     TAG_STATE,
     SweepTracking,
+    last_logged_step,
 )
 
 CURVES = {
@@ -33,7 +34,7 @@ CURVES = {
 
 
 def _rows_from_mlflow(spec: SweepSpec, tracking: SweepTracking) -> list[TrialRow]:
-    searched = [param_name(resolve_key(key)) for key in spec.search.space]
+    searched = [param_name(path) for path in searched_keys(spec)]
     rows = []
     for trial_id, run in tracking.child_runs().items():
         metrics = run.data.metrics
@@ -41,8 +42,8 @@ def _rows_from_mlflow(spec: SweepSpec, tracking: SweepTracking) -> list[TrialRow
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                state=run.data.tags.get(TAG_STATE, "unfinished"),
-                step=_last_step(tracking, run.info.run_id),
+                state=run.data.tags.get(TAG_STATE, STATE_UNFINISHED),
+                step=last_logged_step(tracking.client, run.info.run_id),
                 metric=float(value) if value is not None and math.isfinite(value) else None,
                 diagnosis=run.data.tags.get(TAG_DIAGNOSIS, ""),
                 params={name: run.data.params.get(name) for name in searched},
@@ -50,20 +51,7 @@ def _rows_from_mlflow(spec: SweepSpec, tracking: SweepTracking) -> list[TrialRow
                 metrics=dict(metrics),
             )
         )
-    sign = -1.0 if spec.search.mode == "max" else 1.0
-    usable = {"completed", "stopped_early"}
-    return sorted(
-        rows,
-        key=lambda row: (
-            0 if row.metric is not None and row.state in usable else 1,
-            sign * row.metric if row.metric is not None else 0.0,
-        ),
-    )
-
-
-def _last_step(tracking: SweepTracking, run_id: str) -> int:
-    history = tracking.client.get_metric_history(run_id, "train/loss")
-    return max((metric.step for metric in history), default=0)
+    return rank_rows(spec, rows)
 
 
 def _history(tracking: SweepTracking, run_id: str, key: str) -> tuple[list[int], list[float]]:
@@ -99,8 +87,7 @@ def plot_curves(spec: SweepSpec, tracking: SweepTracking, out_dir: Path) -> list
 
 def plot_metric_vs_knobs(spec: SweepSpec, rows: list[TrialRow], out_dir: Path) -> list[Path]:
     paths = []
-    for key in spec.search.space:
-        knob = param_name(resolve_key(key))
+    for knob in [param_name(searched) for searched in searched_keys(spec)]:
         points = [
             (row.params.get(knob), row.metric, row.state) for row in rows if row.metric is not None
         ]
@@ -169,7 +156,7 @@ def report(sweep: str, *, log_to_mlflow: bool = True) -> str:
         if not table_file.is_file():
             raise SweepError(f"{sweep_dir} has no results yet and tracking is off")
         return table_file.read_text()
-    tracking = SweepTracking(uri, spec.tracking.experiment or spec.name, spec.name, sweep_dir.name)
+    tracking = SweepTracking(uri, spec.experiment_name, spec.name, sweep_dir.name)
     table, files = write_report(spec, sweep_dir, tracking, log_to_mlflow=log_to_mlflow)
     listing = "\n".join(f"  {path}" for path in files)
     return f"{table}\nfiles:\n{listing}"

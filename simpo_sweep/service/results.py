@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import yaml
 
 from simpo_sweep.spec.models import SweepSpec
-from simpo_sweep.spec.space import param_name, resolve_key, trial_config
+from simpo_sweep.spec.space import param_name, searched_keys, spec_with_trial
 from simpo_sweep.trial.trainable import sampled_values
 from simpo_sweep.trial.worker import DIAGNOSIS, STEP, VERDICT
 
@@ -56,7 +57,7 @@ class TrialRow:
 def trial_rows(spec: SweepSpec, results: Any, states: dict[str, tuple[str, str]]) -> list[TrialRow]:
     """Rows ranked best first (by the sweep's metric; failed and metric-less trials last)."""
     rows = []
-    searched = [resolve_key(key) for key in spec.search.space]
+    searched = searched_keys(spec)
     for result in results:
         metrics = dict(result.metrics or {})
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
@@ -85,6 +86,11 @@ def trial_rows(spec: SweepSpec, results: Any, states: dict[str, tuple[str, str]]
                 },
             )
         )
+    return rank_rows(spec, rows)
+
+
+def rank_rows(spec: SweepSpec, rows: Iterable[TrialRow]) -> list[TrialRow]:
+    """Best first by the sweep's metric; failed, degenerate and metric-less trials last."""
     sign = -1.0 if spec.search.mode == "max" else 1.0
 
     def rank_key(row: TrialRow) -> tuple[int, float]:
@@ -95,11 +101,7 @@ def trial_rows(spec: SweepSpec, results: Any, states: dict[str, tuple[str, str]]
 
 def best_config_yaml(spec: SweepSpec, best: TrialRow) -> str:
     """A ready-to-train spec: the best trial's configuration fixed, nothing left to search."""
-    resolved = trial_config(spec, best.sampled)
-    document = spec.model_dump(mode="json")
-    for section in ("model", "data", "training", "simpo"):
-        document[section] = getattr(resolved, section).model_dump(mode="json")
-    document["simpo"].pop("gamma", None)
+    document = spec_with_trial(spec, best.sampled).model_dump(mode="json")
     document["name"] = f"{spec.name}-best"
     document["search"] = {**document["search"], "space": {}, "stages": [], "num_samples": 1}
     header = (
@@ -135,7 +137,8 @@ def _short(value: Any) -> str:
 def write_results(spec: SweepSpec, rows: list[TrialRow], sweep_dir: Path) -> dict[str, Path]:
     files = {"results.md": sweep_dir / "results.md", "results.csv": sweep_dir / "results.csv"}
     files["results.md"].write_text(format_table(spec, rows))
-    metric_names = sorted({key for row in rows for key in row.metrics})
+    # The ranking metric has its own column, after the state.
+    metric_names = sorted({key for row in rows for key in row.metrics} - {spec.search.metric})
     knobs = list(rows[0].params) if rows else []
     with files["results.csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -162,6 +165,10 @@ def write_results(spec: SweepSpec, rows: list[TrialRow], sweep_dir: Path) -> dic
 
 
 def _usable(row: TrialRow) -> bool:
+    # An unfinished (interrupted) trial's metric is a real evaluation of the steps it ran, as
+    # is that of a trial ASHA stopped early: it ranks by it, and `report` on an interrupted
+    # sweep shows where each trial stands. A failed or degenerate trial's metric says nothing
+    # of its configuration.
     return row.metric is not None and row.state not in {STATE_FAILED, STATE_DEGENERATE}
 
 

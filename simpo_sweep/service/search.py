@@ -135,7 +135,7 @@ def search_algorithm(spec: SweepSpec, search: SearchSpec) -> Searcher | BasicVar
         )
     # The generator limits concurrency itself; Tune's max_concurrent_trials only wraps Searchers.
     return BasicVariantGenerator(
-        random_state=search.seed, max_concurrent=search.max_concurrent_trials or 0
+        random_state=search.seed, max_concurrent=search.max_concurrent_trials
     )
 
 

@@ -38,10 +38,10 @@ from simpo_sweep.spec.loading import Problem, SpecError, check_resources, load_s
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import (
     count_trials,
-    describe_domain,
-    resolve_key,
+    describe_space,
+    searched_keys,
+    spec_with_trial,
     stage_specs,
-    trial_config,
 )
 from simpo_sweep.tracking.mlflow_runs import SweepTracking, default_tracking_uri, is_local_store
 from simpo_sweep.tracking.redact import redact_text
@@ -107,21 +107,27 @@ def _treat_sigterm_as_ctrl_c() -> None:
         signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
 
 
-def _alive_nodes() -> list[dict[str, Any]]:
+def alive_nodes() -> list[dict[str, Any]]:
+    """The connected cluster's live nodes, as ray.nodes() describes them."""
     return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def cluster_resources(nodes: list[dict[str, Any]]) -> dict[str, float]:
+    """What check_resources compares a trial's request with: the largest node's CPUs and GPUs
+    (one worker must fit on one node) and the cluster's totals."""
+    resources = [node["Resources"] for node in nodes]
+    return {
+        "CPU": max(node.get("CPU", 0.0) for node in resources),
+        "GPU": max(node.get("GPU", 0.0) for node in resources),
+        "total_CPU": sum(node.get("CPU", 0.0) for node in resources),
+        "total_GPU": sum(node.get("GPU", 0.0) for node in resources),
+    }
 
 
 def check_cluster(spec: SweepSpec, storage: str, uri: str | None) -> None:
     """Refuse what can never work on the connected cluster, before anything is recorded."""
-    nodes = _alive_nodes()
-    largest = max(nodes, key=lambda node: node["Resources"].get("CPU", 0.0))["Resources"]
-    available = {
-        "CPU": largest.get("CPU", 0.0),
-        "GPU": max(node["Resources"].get("GPU", 0.0) for node in nodes),
-        "total_CPU": sum(node["Resources"].get("CPU", 0.0) for node in nodes),
-        "total_GPU": sum(node["Resources"].get("GPU", 0.0) for node in nodes),
-    }
-    problems = check_resources(spec, available, "the Ray cluster")
+    nodes = alive_nodes()
+    problems = check_resources(spec, cluster_resources(nodes), "the Ray cluster")
     hosts = {node["NodeManagerAddress"] for node in nodes}
     if len(hosts) > 1:
         # Several machines: what trials write must be reachable from every one of them.
@@ -148,10 +154,7 @@ def check_cluster(spec: SweepSpec, storage: str, uri: str | None) -> None:
 
 
 def _describe_space(spec: SweepSpec) -> str:
-    lines = [
-        f"{resolve_key(key)}: {describe_domain(domain)}"
-        for key, domain in spec.search.space.items()
-    ]
+    lines = describe_space(spec)
     lines.append(f"trials: {count_trials(spec)} (algorithm {spec.search.algorithm})")
     return "\n".join(lines) + "\n"
 
@@ -216,7 +219,7 @@ def run_sweep(
     tracking_args = None
     tracking = None
     if uri is not None:
-        experiment = spec.tracking.experiment or spec.name
+        experiment = spec.experiment_name
         tracking_args = (uri, experiment, spec.name, sweep_id)
         tracking = SweepTracking(*tracking_args)
         tracking.log_sweep_settings(
@@ -231,11 +234,13 @@ def run_sweep(
 
     stages = stage_specs(spec)
     rows: list[TrialRow] = []
+    # Each stage runs from the fixed values the stage before ran with, its best trial's applied:
+    # the winners of every earlier stage carry on to the last stage and to best_config.yaml.
     stage_spec = spec
     interrupted = False
-    for index, stage_spec in enumerate(stages):
+    for index, stage in enumerate(stages):
+        stage_spec = next_stage_spec(stage, stage_spec, rows)
         if len(stages) > 1:
-            stage_spec = _from_best_of(stage_spec, rows, spec)
             tune_dir = sweep_dir / f"stage{index + 1}-{spec.search.stages[index].name}"
             printer(f"stage {index + 1}/{len(stages)} '{spec.search.stages[index].name}'")
         else:
@@ -247,7 +252,7 @@ def run_sweep(
             data_ref=data_ref,
             storage_path=str(sweep_dir / "train"),
             tracking_uri=uri,
-            experiment=spec.tracking.experiment or spec.name,
+            experiment=spec.experiment_name,
         )
         trainable = make_trainable(context)
         if tune.Tuner.can_restore(str(tune_dir)):
@@ -298,18 +303,15 @@ def search_unfinished(spec: SweepSpec, trials_run: int) -> bool:
     return spec.search.time_budget_s is None and trials_run < count_trials(spec)
 
 
-def _from_best_of(stage: SweepSpec, previous: list[TrialRow], spec: SweepSpec) -> SweepSpec:
-    """The stage's spec with its fixed values taken from the previous stage's best trial."""
-    best = best_row(previous)
-    if best is None:
-        return stage
-    resolved = trial_config(spec, best.sampled)
-    return stage.model_copy(
-        update={
-            section: getattr(resolved, section)
-            for section in ("model", "data", "training", "simpo")
-        }
-    )
+def next_stage_spec(
+    stage: SweepSpec, previous: SweepSpec, previous_rows: list[TrialRow]
+) -> SweepSpec:
+    """The stage's search over the fixed values the previous stage ran with (`previous`, which
+    already carries every earlier stage's winner), updated by the previous stage's best trial.
+    For the first stage, `previous` is the sweep's spec and `previous_rows` is empty."""
+    best = best_row(previous_rows)
+    fixed = spec_with_trial(previous, best.sampled) if best is not None else previous
+    return fixed.model_copy(update={"search": stage.search})
 
 
 def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
@@ -322,7 +324,7 @@ def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
         "sweep.num_samples": search.num_samples,
         "sweep.trials": count_trials(spec),
         "sweep.max_concurrent_trials": search.max_concurrent_trials,
-        "sweep.searched": ", ".join(resolve_key(key) for key in search.space),
+        "sweep.searched": ", ".join(searched_keys(spec)),
         "model.name": spec.model.name,
         "data.source": spec.data.source,
         "resources.num_workers": spec.resources.num_workers,

@@ -21,6 +21,7 @@ from simpo_sweep.spec.space import (
     domain_values_to_check,
     resolve_key,
     searchable_paths,
+    why_not_searchable,
 )
 
 _DOMAIN: TypeAdapter[Any] = TypeAdapter(Domain)
@@ -149,6 +150,16 @@ def _space_problems(
         try:
             path = resolve_key(key)
         except KeyError:
+            reason = why_not_searchable(key)
+            if reason is not None:
+                problems.append(
+                    Problem(
+                        ".".join(location),
+                        f"cannot be searched: {reason}",
+                        _line_for(lines, location),
+                    )
+                )
+                continue
             close = difflib.get_close_matches(
                 key, valid_paths + [p.split(".", 1)[1] for p in valid_paths], n=1
             )

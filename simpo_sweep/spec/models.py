@@ -115,11 +115,15 @@ class TrainingSpec(StrictModel):
 class SimPOSpec(StrictModel):
     beta: PositiveFloat = 2.0
     gamma_beta_ratio: float = Field(0.5, ge=0, description="Target margin divided by beta.")
+    # An input alias only: the validator below converts it, so it is None on every validated
+    # spec and left out of dumps (spec.yaml, best_config.yaml, MLflow params).
     gamma: float | None = Field(
         None,
         ge=0,
+        exclude=True,
         description="Absolute target margin (other libraries' convention); converted to "
-        "gamma_beta_ratio = gamma / beta. Give one or the other, never both.",
+        "gamma_beta_ratio = gamma / beta. Give one or the other, never both. Not searchable: "
+        "search gamma_beta_ratio.",
     )
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, le=0.5)
@@ -354,6 +358,11 @@ class SweepSpec(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment the sweep's runs go to: tracking.experiment, else the name."""
+        return self.tracking.experiment or self.name
 
     @model_validator(mode="after")
     def _scheduler_fits_training(self) -> SweepSpec:

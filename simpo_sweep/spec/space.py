@@ -30,6 +30,15 @@ BARE_NAME_SECTIONS = ("training", "simpo")
 # Knobs that only mean something for some loss types: not searched where they have no effect.
 ONLY_FOR_LOSS_TYPE = {"simpo.label_smoothing": "sigmoid"}
 
+# Fields that are input conveniences, not knobs: validation turns them into another field, so a
+# value sampled for them would reach no trial. Each says what to search instead.
+NOT_SEARCHABLE = {
+    "simpo.gamma": (
+        "the absolute margin is converted to gamma_beta_ratio when the spec is read; "
+        "search gamma_beta_ratio instead (gamma = gamma_beta_ratio * beta)"
+    ),
+}
+
 
 def _section_fields(section: str) -> dict[str, Any]:
     model: type[BaseModel] = SweepSpec.model_fields[section].annotation  # type: ignore[assignment]
@@ -38,12 +47,15 @@ def _section_fields(section: str) -> dict[str, Any]:
 
 def searchable_paths() -> list[str]:
     return [
-        f"{section}.{name}" for section in SEARCHABLE_SECTIONS for name in _section_fields(section)
+        path
+        for section in SEARCHABLE_SECTIONS
+        for path in (f"{section}.{name}" for name in _section_fields(section))
+        if path not in NOT_SEARCHABLE
     ]
 
 
-def resolve_key(key: str) -> str:
-    """`beta` -> `simpo.beta`; `training.learning_rate` stays. KeyError with a hint otherwise."""
+def _field_path(key: str) -> str | None:
+    """The config field a space key names, searchable or not; None when it names none."""
     if "." in key:
         section, _, name = key.partition(".")
         if section in SEARCHABLE_SECTIONS and name in _section_fields(section):
@@ -52,7 +64,21 @@ def resolve_key(key: str) -> str:
         for section in BARE_NAME_SECTIONS:
             if key in _section_fields(section):
                 return f"{section}.{key}"
-    raise KeyError(key)
+    return None
+
+
+def resolve_key(key: str) -> str:
+    """`beta` -> `simpo.beta`; `training.learning_rate` stays. KeyError with a hint otherwise."""
+    path = _field_path(key)
+    if path is None or path in NOT_SEARCHABLE:
+        raise KeyError(key)
+    return path
+
+
+def why_not_searchable(key: str) -> str | None:
+    """Why a space key that names a config field cannot be searched; None if it can be."""
+    path = _field_path(key)
+    return NOT_SEARCHABLE.get(path) if path is not None else None
 
 
 def param_name(path: str) -> str:
@@ -85,6 +111,30 @@ def stage_specs(spec: SweepSpec) -> list[SweepSpec]:
         )
         stages.append(spec.model_copy(update={"search": search}))
     return stages
+
+
+def searched_keys(spec: SweepSpec) -> list[str]:
+    """Config paths of the knobs the sweep searches, each once: its space's, or in a staged
+    search every stage's (the spec's own space is empty then)."""
+    spaces = [stage.space for stage in spec.search.stages] or [spec.search.space]
+    return list(dict.fromkeys(resolve_key(key) for space in spaces for key in space))
+
+
+def describe_space(spec: SweepSpec) -> list[str]:
+    """One line per searched knob and its domain, under its stage in a staged search."""
+    if not spec.search.stages:
+        return [
+            f"{resolve_key(key)}: {describe_domain(domain)}"
+            for key, domain in spec.search.space.items()
+        ]
+    lines = []
+    for index, stage in enumerate(spec.search.stages, start=1):
+        lines.append(f"stage {index} '{stage.name}':")
+        lines += [
+            f"  {resolve_key(key)}: {describe_domain(domain)}"
+            for key, domain in stage.space.items()
+        ]
+    return lines
 
 
 def count_trials(spec: SweepSpec) -> int:
@@ -127,9 +177,15 @@ def trial_config(spec: SweepSpec, sampled: Mapping[str, Any]) -> TrialConfig:
         sections[section][name] = value
     if sections["simpo"]["loss_type"] == "hinge":
         sections["simpo"]["label_smoothing"] = 0.0
-    # An absolute gamma in the fixed section must not override a searched gamma_beta_ratio.
-    sections["simpo"].pop("gamma", None)
     return TrialConfig.model_validate(sections)
+
+
+def spec_with_trial(spec: SweepSpec, sampled: Mapping[str, Any]) -> SweepSpec:
+    """The spec with a trial's sampled values fixed in its sections (its search unchanged)."""
+    resolved = trial_config(spec, sampled)
+    return spec.model_copy(
+        update={section: getattr(resolved, section) for section in SEARCHABLE_SECTIONS}
+    )
 
 
 def flat_params(config: TrialConfig) -> dict[str, Any]:
@@ -142,7 +198,6 @@ def flat_params(config: TrialConfig) -> dict[str, Any]:
                     params[f"{section}.{name}.{sub}"] = sub_value
             elif value is not None or section in BARE_NAME_SECTIONS:
                 params[param_name(f"{section}.{name}")] = value
-    params.pop("gamma", None)
     return params
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -98,6 +98,12 @@ def _find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str])
     return runs[0].info.run_id if runs else None
 
 
+def last_logged_step(client: MlflowClient, run_id: str) -> int:
+    """The last step a run holds metrics for (0 for none yet)."""
+    history = client.get_metric_history(run_id, PROGRESS_METRIC)
+    return max((metric.step for metric in history), default=0)
+
+
 def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     existing = client.get_run(run_id).data.params
     fresh = [
@@ -180,11 +186,9 @@ class SweepTracking:
         """Label a trial's run; idempotent (the worker may already have done it)."""
         finish_run(self.client, run_id, state, diagnosis)
 
-    def finish(self, status: str, artifacts: Mapping[str, str], files: Iterable[Path] = ()) -> None:
+    def finish(self, status: str, artifacts: Mapping[str, str]) -> None:
         for name, text in artifacts.items():
             self.client.log_text(self.parent_run_id, redact_text(text), name)
-        for path in files:
-            self.client.log_artifact(self.parent_run_id, str(path))
         self.client.set_tag(self.parent_run_id, TAG_STATUS, status)
         mlflow_status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
         self.client.set_terminated(self.parent_run_id, status=mlflow_status)
@@ -209,8 +213,7 @@ class MetricLogger:
         self.client = _client(tracking_uri)
         self.run_id = run_id
         self.flush_interval_s = flush_interval_s
-        history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
-        self.last_logged_step = max((metric.step for metric in history), default=0)
+        self.last_logged_step = last_logged_step(self.client, run_id)
         self._pending: list[Metric] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()

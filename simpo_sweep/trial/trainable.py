@@ -41,13 +41,9 @@ class TrialContext:
     experiment: str
 
 
-def uses_local_mode(resources: ResourcesSpec) -> bool:
-    return resources.loop_in_trial
-
-
 def trial_resources(resources: ResourcesSpec) -> dict[str, float]:
     """What the Tune trial itself holds: in local mode it is the worker, else only the driver."""
-    if uses_local_mode(resources):
+    if resources.loop_in_trial:
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
     return {"cpu": resources.driver_cpus, "gpu": 0.0}
 
@@ -77,7 +73,7 @@ def make_trainable(context: TrialContext) -> Any:
             tracking.client.set_tag(
                 run_id, "simpo_sweep.node_id", ray.get_runtime_context().get_node_id()
             )
-        local_mode = uses_local_mode(spec.resources)
+        local_mode = spec.resources.loop_in_trial
         loop_config = {
             "trial": resolved.model_dump(),
             "data_path": context.data_path,

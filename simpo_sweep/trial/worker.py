@@ -27,7 +27,6 @@ from simpo_sweep.tracking.mlflow_runs import MetricLogger
 
 # Keys of what a trial reports to Tune, besides the metrics.
 STEP = "step"
-STOP_REASON = "stop_reason"
 VERDICT = "verdict"
 DIAGNOSIS = "diagnosis"
 STARTUP = "perf/trial_start_to_first_step_s"
