@@ -45,8 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     resume = commands.add_parser("resume", help="continue a sweep whose driver stopped")
-    resume.add_argument("sweep", help="the sweep's folder, or its id under simpo_runs/")
+    resume.add_argument(
+        "sweep", help="the sweep's folder or URI (s3://...), or its id under simpo_runs/"
+    )
     resume.add_argument("--address")
+    for command in (run, resume):
+        command.add_argument(
+            "--verbose", "-v", action="store_true", help="show Ray's own output too"
+        )
 
     submit = spec_command("submit", "submit the sweep to a Ray cluster as a Ray Job and return")
     submit.add_argument(
@@ -113,18 +119,32 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.spec, args.overrides)
         text = Path(args.spec).read_text() if not args.overrides else None
-        outcome = run_sweep(spec, spec_text=text, address=args.address)
+        outcome = run_sweep(
+            spec,
+            spec_text=text,
+            address=args.address,
+            live=sys.stdout.isatty(),
+            verbose=args.verbose,
+        )
         print_outcome(spec, outcome)
-        return EXIT_OK if outcome.status == "completed" else EXIT_INTERRUPTED
+        return _exit_code(outcome.status, outcome.best is not None)
     if args.command == "resume":
         from simpo_sweep.service.commands import print_outcome
-        from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, run_sweep
+        from simpo_sweep.service.storage import find_sweep_dir, load_sweep_spec
+        from simpo_sweep.service.sweep import run_sweep
 
         sweep_dir = find_sweep_dir(args.sweep)
         spec = load_sweep_spec(sweep_dir)
-        outcome = run_sweep(spec, address=args.address, sweep_id=sweep_dir.name, resume=True)
+        outcome = run_sweep(
+            spec,
+            address=args.address,
+            sweep_id=sweep_dir.name,
+            resume=True,
+            live=sys.stdout.isatty(),
+            verbose=args.verbose,
+        )
         print_outcome(spec, outcome)
-        return EXIT_OK if outcome.status == "completed" else EXIT_INTERRUPTED
+        return _exit_code(outcome.status, outcome.best is not None)
     if args.command in {"submit", "status", "logs", "stop", "list"}:
         from simpo_sweep.service import jobs
 
@@ -141,6 +161,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print("$ " + " ".join(command))
         os.execvp(command[0], command)
     raise AssertionError(args.command)
+
+
+def _exit_code(status: str, has_usable_trial: bool) -> int:
+    if status != "completed":
+        return EXIT_INTERRUPTED
+    # A sweep whose every trial failed or degenerated found nothing: scripts must see that.
+    return EXIT_OK if has_usable_trial else EXIT_FAILED
 
 
 if __name__ == "__main__":

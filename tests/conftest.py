@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,8 @@ class MlflowServer:
     log: Path
 
     @classmethod
-    def start(cls, root: Path) -> MlflowServer:
+    def start(cls, root: Path, env: Mapping[str, str] | None = None) -> MlflowServer:
+        """`env`: extra environment, e.g. MLFLOW_ARTIFACTS_DESTINATION and bucket settings."""
         port = free_port()
         log = root / "mlflow-server.log"
         with log.open("wb") as handle:
@@ -90,6 +91,7 @@ class MlflowServer:
                     **os.environ,
                     "MLFLOW_SERVER_ROOT": str(root / "mlflow"),
                     "MLFLOW_EXECUTABLE": str(Path(sys.executable).with_name("mlflow")),
+                    **(env or {}),
                 },
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -124,3 +126,74 @@ def ray_local() -> Iterator[None]:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@dataclass
+class S3Server:
+    """A real S3-protocol server (moto_server) on loopback, with one bucket. `env` is what a
+    client needs to reach it: pyarrow, boto3 and MLflow's S3 client read these variables."""
+
+    process: subprocess.Popen[bytes]
+    endpoint: str
+    bucket: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def object_keys(self, prefix: str = "") -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials(self.env))
+        keys: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+        return keys
+
+
+def _boto_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto_server on a free loopback port, a bucket created in it."""
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("moto_server")),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = S3Server(process, f"http://127.0.0.1:{port}", "simpo-bucket")
+    try:
+        wait_http(f"{server.endpoint}/moto-api/", 60, process, log)
+        boto3.client(
+            "s3", endpoint_url=server.endpoint, **_boto_credentials(server.env)
+        ).create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        stop_process_group(process)

@@ -165,6 +165,52 @@ def test_dialogues_may_diverge_over_several_turns() -> None:
     assert example.chosen == row["chosen"][1:]
 
 
+def test_a_prompt_column_holding_the_first_turn_takes_in_the_shared_turns() -> None:
+    """UltraFeedback-style multi-turn rows: the prompt column has the first user turn only;
+    the turns both dialogues share after it are prompt too, not part of both responses."""
+    history = [*_user("count up by 1 from 1 to 4"), *_assistant("1 2 3 4"), *_user("count down")]
+    row = {
+        "prompt": "count up by 1 from 1 to 4",
+        "chosen": [*history, *_assistant("4 3 2 1")],
+        "rejected": [*history, *_assistant("4 2 3 1")],
+    }
+
+    example = normalize_row(row, DataColumns(), index=0)
+
+    assert example.prompt == history
+    assert (example.chosen, example.rejected) == (_assistant("4 3 2 1"), _assistant("4 2 3 1"))
+
+
+def test_a_prompt_column_may_leave_out_the_dialogues_system_message() -> None:
+    system = [{"role": "system", "content": "count carefully"}]
+    row = {
+        "prompt": "count up by 1 from 1 to 4 ",  # whitespace around a turn is layout
+        "chosen": [*system, *_user("count up by 1 from 1 to 4"), *_assistant("1 2 3 4")],
+        "rejected": [*system, *_user("count up by 1 from 1 to 4"), *_assistant("1 3 2 4")],
+    }
+
+    example = normalize_row(row, DataColumns(), index=0)
+
+    assert example.prompt == [*system, *_user("count up by 1 from 1 to 4")]
+    assert example.chosen == _assistant("1 2 3 4")
+
+
+def test_identical_responses_are_dropped_and_counted(tmp_path: Path) -> None:
+    rows = _rows(20)
+    rows[4]["rejected"] = rows[4]["chosen"]
+    rows[9]["chosen"] = _assistant(rows[9]["rejected"])  # same text, as a message list
+    rows[13] = SHAPES["full dialogues, no prompt column"](
+        {**rows[13], "rejected": rows[13]["chosen"]}
+    )
+
+    prepared = _prepare(tmp_path, _write(rows, tmp_path / "data.jsonl"), eval_fraction=0.25)
+
+    assert prepared.stats["dropped_identical"] == 3 and prepared.stats["dropped_empty"] == 0
+    assert prepared.stats["train_pairs"] + prepared.stats["eval_pairs"] == 17
+    kept = _decoded(prepared.train) + _decoded(prepared.eval)
+    assert all(chosen != rejected for _, chosen, rejected in kept)
+
+
 def test_column_names_are_configurable(tmp_path: Path) -> None:
     rows = _rows()
     renamed = [

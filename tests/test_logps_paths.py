@@ -60,7 +60,7 @@ from simpo_sweep.engine.logps import (
     fused_softmax_available,
     register_torch_varlen_attention,
 )
-from simpo_sweep.engine.metrics import simpo_objective
+from simpo_sweep.engine.loss import simpo_objective
 from simpo_sweep.spec.models import SimPOSpec
 
 VALUES: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}

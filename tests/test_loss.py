@@ -1,4 +1,4 @@
-"""The SimPO objective against shared/SIMPO.md: worked examples, gradients, options."""
+"""The SimPO objective against docs/simpo.md: worked examples, gradients, options."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from simpo_sweep import sequence_logps, simpo_loss
 from simpo_sweep.engine.logps import ResponseLogps
-from simpo_sweep.engine.metrics import simpo_objective
+from simpo_sweep.engine.loss import simpo_objective
 from simpo_sweep.spec.models import SimPOSpec
 
 

@@ -23,11 +23,13 @@ from simpo_sweep.service.results import (
 )
 from simpo_sweep.service.sweep import next_stage_spec
 from simpo_sweep.spec.loading import Problem, SpecError, check_resources, parse_spec
-from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.models import LogUniformDomain, SweepSpec, UniformDomain
 from simpo_sweep.spec.space import (
+    NOT_APPLICABLE,
     count_trials,
     flat_params,
     grid_points,
+    rounded_sample,
     searchable_paths,
     searched_keys,
     stage_specs,
@@ -256,6 +258,54 @@ def test_trial_config_applies_sampled_values_and_drops_ineffective_knobs() -> No
     params = flat_params(config)
     assert params["beta"] == 2.0 and params["learning_rate"] == 3e-4
     assert params["model.name"] == "builtin:tiny-llama"
+
+
+def test_a_knob_without_effect_is_logged_as_not_applicable_but_trains_as_zero() -> None:
+    """Under hinge, label_smoothing means nothing: the params say n/a (a 0.0 there would plot as
+    a setting in parallel coordinates); the config the trial trains with keeps 0.0."""
+    spec = SweepSpec(name="s", simpo={"label_smoothing": 0.1})
+    hinge = trial_config(spec, {"simpo.loss_type": "hinge", "simpo.label_smoothing": 0.2})
+    assert hinge.simpo.label_smoothing == 0.0
+    assert flat_params(hinge)["label_smoothing"] == NOT_APPLICABLE == "n/a"
+    sigmoid = trial_config(spec, {"simpo.loss_type": "sigmoid", "simpo.label_smoothing": 0.2})
+    assert flat_params(sigmoid)["label_smoothing"] == 0.2
+    assert flat_params(trial_config(spec, {}))["label_smoothing"] == 0.1  # sigmoid by default
+
+
+def uniform(low: float, high: float, q: float | None = None) -> UniformDomain:
+    return UniformDomain(type="uniform", low=low, high=high, q=q)
+
+
+@pytest.mark.parametrize(
+    ("value", "domain", "expected"),
+    [
+        (0.6000000000000001, uniform(0.0, 1.0), 0.6),
+        (1.8612345, uniform(1.0, 10.0), 1.861),
+        (0.0012345678901, LogUniformDomain(type="loguniform", low=1e-4, high=3e-3), 0.001235),
+        (9.99991, uniform(1.0, 10.0), 10.0),
+        # The nearest 4-digit value lies past a bound written with more digits: round inwards.
+        (0.1234599, uniform(0.0, 0.123456), 0.1234),
+        (0.12344, uniform(0.12343, 0.2), 0.1235),
+        # No 4-digit value inside the bounds at all: the bound itself.
+        (0.123433, uniform(0.123431, 0.123436), 0.123436),
+        # Quantised: the grid's own digits, which keeps the value on its grid (Optuna's grid
+        # is low + k*q; Tune's k*q), the float noise gone.
+        (0.35000000000000003, uniform(0.0, 1.0, q=0.05), 0.35),
+        (0.07500000000000001, uniform(0.025, 1.025, q=0.05), 0.075),
+        (12.345000000000001, uniform(0.0, 100.0, q=0.001), 12.345),
+        (
+            3.4999999999999995e-06,
+            LogUniformDomain(type="loguniform", low=1e-7, high=1e-5, q=1e-7),
+            3.5e-06,
+        ),
+    ],
+)
+def test_sampled_floats_are_rounded_inside_their_bounds(
+    value: float, domain: UniformDomain | LogUniformDomain, expected: float
+) -> None:
+    rounded = rounded_sample(value, domain)
+    assert rounded == expected and repr(rounded) == repr(expected)
+    assert domain.low <= rounded <= domain.high
 
 
 @pytest.mark.parametrize("path", sorted(SEARCH_SPACES.glob("*.yaml")), ids=lambda p: p.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,18 @@ from simpo_sweep.service.results import STATE_COMPLETED, STATE_DEGENERATE, STATE
 from simpo_sweep.service.sweep import SweepOutcome, run_sweep
 from simpo_sweep.spec.loading import parse_spec
 from simpo_sweep.tracking.mlflow_runs import (
+    TAG_BEST_TRIAL_ID,
     TAG_DIAGNOSIS,
     TAG_PARENT,
     TAG_STATE,
     TAG_TRIAL_ID,
+    TRIAL_STATES,
     MetricLogger,
     SweepTracking,
+    artifact_root,
+    default_tracking_uri,
+    trial_index,
+    trial_run_name,
 )
 from simpo_sweep.tracking.redact import redact
 
@@ -130,9 +137,11 @@ def test_child_params_are_the_full_resolved_config_with_flat_names(
 
 
 def test_trial_states_diagnoses_and_mlflow_statuses(recorded: RecordedSweep) -> None:
+    # Stopped early by ASHA is a normal end (its state tag says so); a degenerate trial was cut
+    # short by its own diagnosis.
     expected = {
         STATE_COMPLETED: "FINISHED",
-        STATE_STOPPED_EARLY: "KILLED",
+        STATE_STOPPED_EARLY: "FINISHED",
         STATE_DEGENERATE: "KILLED",
     }
     assert {state: run.info.status for state, run in recorded.children.items()} == expected
@@ -318,3 +327,176 @@ def test_ui_points_at_the_server_of_a_server_tracked_sweep(recorded: RecordedSwe
     )
     assert result.returncode == 1
     assert "open that server's UI" in result.stderr and URI_PASSWORD not in result.stderr
+
+
+def _new_sweep_tracking(uri: str) -> SweepTracking:
+    sweep_id = f"summary-{uuid.uuid4().hex[:8]}"
+    return SweepTracking(uri, f"experiment-{sweep_id}", "summary", sweep_id)
+
+
+def test_parent_run_carries_the_sweep_outcome_and_a_resume_updates_it(mlflow_server: str) -> None:
+    metric = "eval/rewards/accuracies"
+    tracking = _new_sweep_tracking(mlflow_server)
+    parent = tracking.parent_run_id
+    best_params = {"learning_rate": 0.0012, "loss_type": "sigmoid", "label_smoothing": 0.1}
+    counts = {"completed": 3, "stopped_early": 5, "degenerate": 1}
+    for _ in range(2):  # the second time (a driver that reports twice) adds nothing
+        tracking.log_sweep_summary(metric, 0.875, "a8692_00003", best_params, counts)
+    run = tracking.client.get_run(parent)
+    assert run.data.metrics[metric] == run.data.metrics[f"best/{metric}"] == 0.875
+    assert {key: value for key, value in run.data.metrics.items() if key.startswith("trials/")} == {
+        "trials/completed": 3.0,
+        "trials/stopped_early": 5.0,
+        "trials/degenerate": 1.0,
+        "trials/failed": 0.0,
+        "trials/unfinished": 0.0,
+    }
+    assert run.data.tags[TAG_BEST_TRIAL_ID] == "a8692_00003"
+    assert run.data.tags["best.learning_rate"] == "0.0012"
+    assert run.data.tags["best.loss_type"] == "sigmoid"
+    assert run.data.tags["best.label_smoothing"] == "0.1"
+    assert not run.data.params, "params could not change when a resume finds another best"
+    assert len(tracking.client.get_metric_history(parent, metric)) == 1
+    assert len(tracking.client.get_metric_history(parent, "trials/completed")) == 1
+
+    # A resumed sweep finishes its trials and finds another best, under hinge.
+    resumed_best = {"learning_rate": 0.0021, "loss_type": "hinge", "label_smoothing": None}
+    resumed_counts = {"completed": 5, "stopped_early": 5, "degenerate": 1}
+    tracking.log_sweep_summary(metric, 0.9375, "a8692_00009", resumed_best, resumed_counts)
+    run = tracking.client.get_run(parent)
+    assert run.data.metrics[metric] == run.data.metrics[f"best/{metric}"] == 0.9375
+    assert run.data.metrics["trials/completed"] == 5.0
+    assert run.data.metrics["trials/stopped_early"] == 5.0
+    assert run.data.tags[TAG_BEST_TRIAL_ID] == "a8692_00009"
+    assert run.data.tags["best.loss_type"] == "hinge"
+    assert run.data.tags["best.label_smoothing"] == "n/a"
+    assert len(tracking.client.get_metric_history(parent, "trials/stopped_early")) == 1
+
+
+def test_a_sweep_without_a_usable_trial_still_counts_its_trials(mlflow_server: str) -> None:
+    tracking = _new_sweep_tracking(mlflow_server)
+    tracking.log_sweep_summary("eval/loss", None, None, {}, {"failed": 2})
+    run = tracking.client.get_run(tracking.parent_run_id)
+    assert run.data.metrics["trials/failed"] == 2.0
+    assert "eval/loss" not in run.data.metrics and TAG_BEST_TRIAL_ID not in run.data.tags
+
+
+def test_child_run_is_named_after_its_trial_and_reopened_not_duplicated(
+    mlflow_server: str,
+) -> None:
+    tracking = _new_sweep_tracking(mlflow_server)
+    name = trial_run_name(trial_index("a8692_00002"), {"simpo.beta": 2.5})
+    assert name == "03 beta=2.5"
+    run_id = tracking.child_run("a8692_00002", {"beta": 2.5}, run_name=name)
+    tracking.finish_trial(run_id, "stopped_early", "stopped at step 10")
+    assert tracking.client.get_run(run_id).info.status == "FINISHED"
+    assert tracking.child_run("a8692_00002", {"beta": 2.5}, run_name=name) == run_id  # a retry
+    (run,) = tracking.child_runs().values()
+    assert (run.info.run_name, run.data.tags[TAG_TRIAL_ID]) == (name, "a8692_00002")
+    assert (run.info.status, run.data.tags[TAG_STATE]) == ("RUNNING", "running")
+    # Without a name, the trial id names it, as before.
+    unnamed = tracking.child_run("a8692_00003", {"beta": 4.0})
+    assert tracking.client.get_run(unnamed).info.run_name == "a8692_00003"
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        ("completed", "FINISHED"),
+        ("stopped_early", "FINISHED"),
+        ("degenerate", "KILLED"),
+        ("unfinished", "KILLED"),
+        ("failed", "FAILED"),
+    ],
+)
+def test_final_state_to_mlflow_status(state: str, status: str) -> None:
+    assert TRIAL_STATES[state] == status
+
+
+@pytest.mark.parametrize(
+    ("index", "sampled", "expected"),
+    [
+        (
+            3,
+            {
+                "simpo.loss_type": "sigmoid",
+                "simpo.gamma_beta_ratio": 0.05,
+                "training.learning_rate": 0.0012,
+                "simpo.beta": 1.8612,
+            },
+            "03 lr=1.2e-3 beta=1.86 gbr=0.05 sigmoid",
+        ),
+        (
+            12,
+            {
+                "simpo.loss_type": "hinge",
+                "simpo.label_smoothing": None,  # not sampled under hinge
+                "simpo.sft_weight": 0.1,
+                "training.learning_rate": 3.0e-7,
+            },
+            "12 lr=3e-7 sft=0.1 hinge",
+        ),
+        (
+            None,
+            {"data.max_length": 512, "simpo.label_smoothing": 0.125, "warmup_ratio": 25000.0},
+            "ls=0.125 max_length=512 warmup_ratio=2.5e4",
+        ),
+        (105, {}, "105"),
+    ],
+)
+def test_run_name_says_what_the_trial_tried(
+    index: int | None, sampled: dict[str, Any], expected: str
+) -> None:
+    assert trial_run_name(index, sampled) == expected
+
+
+@pytest.mark.parametrize(
+    ("trial_id", "index"),
+    [("a8692_00011", 12), ("a8692_00000", 1), ("2f0c1_10000", 10001), ("sweep", None)],
+)
+def test_trial_index_from_the_tune_trial_id(trial_id: str, index: int | None) -> None:
+    assert trial_index(trial_id) == index
+
+
+def _files_under(folder: Path) -> set[Path]:
+    return {path for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("form", ["absolute", "relative"])
+def test_embedded_store_keeps_artifacts_beside_its_database(
+    form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite:////abs/x/mlflow.db and sqlite:///rel/x/mlflow.db (from the current folder): the
+    artifacts land in x/mlartifacts, nothing in the current folder or outside tmp_path (the
+    old root, file:////abs/..., wrote to /<abs without its first part>/mlartifacts)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    store = work / "runs" / "x"
+    uri = f"sqlite:///{store / 'mlflow.db'}" if form == "absolute" else "sqlite:///runs/x/mlflow.db"
+    assert artifact_root(uri) == (store / "mlartifacts").as_uri()
+    tracking = SweepTracking(uri, "artifacts", "artifacts", "artifacts-1")
+    tracking.client.log_text(tracking.parent_run_id, "what the sweep found", "results.md")
+
+    run = tracking.client.get_run(tracking.parent_run_id)
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri() + "/")
+    (artifact,) = (store / "mlartifacts").rglob("results.md")
+    assert artifact.read_text() == "what the sweep found"
+    assert _files_under(tmp_path) == {store / "mlflow.db", artifact}
+    assert not Path("/", *tmp_path.parts[2:]).exists()  # where the old root put them
+    downloaded = tracking.client.download_artifacts(
+        tracking.parent_run_id, "results.md", str(tmp_path / "download")
+    )
+    assert Path(downloaded).read_text() == "what the sweep found"
+
+
+def test_default_tracking_uri_is_an_absolute_sqlite_uri_in_the_storage_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri("simpo_runs")
+    assert uri == f"sqlite:///{tmp_path.resolve()}/simpo_runs/mlflow.db"
+    assert uri.startswith("sqlite:////")  # SQLAlchemy's absolute form: four slashes
+    assert artifact_root(uri) == (tmp_path.resolve() / "simpo_runs" / "mlartifacts").as_uri()
+    SweepTracking(uri, "default", "default", "default-1")
+    assert (tmp_path / "simpo_runs" / "mlflow.db").is_file()

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from simpo_sweep.engine import demo
 from simpo_sweep.engine.data import PreparedData, TokenizedSplit, prepare_data
-from simpo_sweep.engine.metrics import diagnose
+from simpo_sweep.engine.metrics import LogpsStart, diagnose
 from simpo_sweep.engine.models import load_model, load_tokenizer
 from simpo_sweep.engine.train import CHECKPOINT_FILE, PairDataset, SimPOTrainer, StepEvent, pair_at
 from simpo_sweep.spec.models import DataSpec, DiagnosticsSpec, ModelSpec, SimPOSpec, TrainingSpec
@@ -237,7 +237,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_trains_the_same(
 
 def test_bf16_autocast_when_asked_for_on_cpu(prepared: PreparedData) -> None:
     full = _trainer(prepared, max_steps=1).evaluate()
-    bf16 = _trainer(prepared, max_steps=1, mixed_precision="bf16")
+    bf16 = _trainer(prepared, max_steps=1, precision="bf16-mixed")
 
     assert bf16.autocast_bf16
     low = bf16.evaluate()
@@ -316,12 +316,19 @@ def _logps_reading(chosen: float, rejected: float, margin: float = 1.0) -> dict[
 
 
 def test_collapse_is_judged_on_length_averaged_logps_only() -> None:
-    """-12 per token is collapse; -225 summed over a response of ~100 tokens is a healthy -2.25."""
+    """From -1.5/-2.5 per token to -12/-13 is collapse; -225 summed over a response of ~100
+    tokens is a healthy -2.25, even from a summed start of -150."""
     rules = DiagnosticsSpec()
 
     def read(reading: dict[str, float], length_averaged: bool) -> Any:
+        start = LogpsStart(-1.5, -2.5) if length_averaged else LogpsStart(-150.0, -200.0)
         return diagnose(
-            reading, step=10, max_steps=10, rules=rules, length_averaged=length_averaged
+            reading,
+            step=10,
+            max_steps=10,
+            rules=rules,
+            length_averaged=length_averaged,
+            start=start,
         )
 
     averaged = read(_logps_reading(-12.0, -13.0), length_averaged=True)
@@ -455,3 +462,31 @@ def test_trainer_accepts_a_tokenized_split_built_in_memory(prepared: PreparedDat
     trainer = _trainer(prepared, max_steps=2, train_data=in_memory)
 
     assert _model_metrics(trainer.fit().metrics) == _model_metrics(from_cache.fit().metrics)
+
+
+def test_the_trainer_judges_collapse_from_its_first_step(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    """The start is the first step's log-probs (before any update), kept in checkpoints; a
+    learning rate far too high makes both fall from there within a couple of steps."""
+    healthy = _trainer(prepared, max_steps=4, checkpoint_every=2, checkpoint_root=tmp_path)
+    healthy.fit(lambda event: "stopped" if event.step == 2 else None)
+    assert healthy.logps_start is not None
+    resumed = _trainer(prepared, max_steps=4)
+    resumed.load_checkpoint(tmp_path / "step_000002")
+    assert resumed.logps_start == healthy.logps_start
+
+    falling = SimPOTrainer(
+        load_model(MODEL, TOKENIZER, "cpu"),
+        prepared.train,
+        prepared.eval,
+        training=TrainingSpec(**{**QUICK, "learning_rate": 0.3, "max_steps": 30}),
+        simpo=SimPOSpec(),
+        diagnostics=DiagnosticsSpec(collapse_drop=1.0),
+        pad_token_id=TOKENIZER.pad_token_id,
+        device="cpu",
+    )
+    result = falling.fit()
+
+    assert result.step < 30 and result.stopped_reason is not None
+    assert result.stopped_reason.startswith("degenerate: collapse: logps/chosen fell from")

@@ -21,6 +21,16 @@
 #                                 the DNS name Ray workers use, e.g. "mlflow.internal"
 #   MLFLOW_EXECUTABLE             the `mlflow` to run (default: .venv/bin/mlflow of this
 #                                 repository, else PATH)
+#   MLFLOW_AUTH                   "basic": MLflow's basic-auth app (`--app-name basic-auth`, needs
+#                                 the mlflow[auth] extra); then these must be set, from a secret
+#                                 store or a Kubernetes Secret, never written in a file here:
+#                                   MLFLOW_AUTH_ADMIN_PASSWORD      the admin's first password
+#                                   MLFLOW_FLASK_SERVER_SECRET_KEY  the CSRF key (same on every
+#                                                                   replica)
+#                                 and optionally MLFLOW_AUTH_ADMIN_USERNAME (default admin) and
+#                                 MLFLOW_AUTH_DATABASE_URI (users and permissions; default
+#                                 sqlite:///$MLFLOW_SERVER_ROOT/basic_auth.db). Sweeps then pass
+#                                 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  default false here: MLflow's server-side jobs (GenAI
 #                                 evaluation, trace roll-ups) start seven worker processes that
 #                                 experiment tracking does not use
@@ -44,7 +54,7 @@ while [ $# -gt 0 ]; do
         --host) HOST="${2:?--host needs a value}"; shift 2 ;;
         --port) PORT="${2:?--port needs a value}"; shift 2 ;;
         --workers) WORKERS="${2:?--workers needs a value}"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,41p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -92,7 +102,28 @@ if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then
     args+=(--allowed-hosts "$allowed")
 fi
 
+case "${MLFLOW_AUTH:-}" in
+    "") ;;
+    basic)
+        [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] || die "MLFLOW_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD (the admin's first password)"
+        [ -n "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ] || die "MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY (e.g. openssl rand -hex 32)"
+        # The auth app's settings; the password stays in the environment, not in this file.
+        AUTH_CONFIG="$ROOT/basic_auth.ini"
+        umask 077
+        cat > "$AUTH_CONFIG" <<INI
+[mlflow]
+default_permission = READ
+database_uri = ${MLFLOW_AUTH_DATABASE_URI:-sqlite:///$ROOT/basic_auth.db}
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+        export MLFLOW_AUTH_CONFIG_PATH="$AUTH_CONFIG"
+        args+=(--app-name basic-auth)
+        ;;
+    *) die "MLFLOW_AUTH must be empty or 'basic', got '$MLFLOW_AUTH'" ;;
+esac
+
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
-echo "mlflow server: backend ${BACKEND%%://*}://..., artifacts $ARTIFACTS, http://$HOST:$PORT" >&2
+echo "mlflow server: backend ${BACKEND%%://*}://..., artifacts $ARTIFACTS, auth ${MLFLOW_AUTH:-none}, http://$HOST:$PORT" >&2
 exec "$MLFLOW" "${args[@]}"

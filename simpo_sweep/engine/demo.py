@@ -30,6 +30,7 @@ starts near 0.5; at learning rates 6e-4 to 2e-3 it passes 0.9 by step 75 and end
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -230,6 +231,35 @@ def _break_rule(numbers: list[int], step: int, direction: int, rng: random.Rando
     position = rng.randrange(length - 1)
     broken[position], broken[position + 1] = broken[position + 1], broken[position]
     return broken
+
+
+# The prompt _counting_rows writes; the rule it states is all a verifier needs.
+COUNTING_PROMPT = re.compile(r"count (up|down) by (\d+) from (\d+) to (\d+)")
+
+
+def rule_answer(prompt: str) -> list[int] | None:
+    """The numbers a counting prompt asks for; None when the text is not a counting prompt.
+
+    Surrounding whitespace is ignored (decoded prompts keep the template's spaces).
+    """
+    match = COUNTING_PROMPT.fullmatch(prompt.strip())
+    if match is None:
+        return None
+    direction, step, start, end = match.groups()
+    signed = int(step) if direction == "up" else -int(step)
+    if signed == 0 or (int(end) - int(start)) * signed < 0 or (int(end) - int(start)) % signed:
+        return None  # not a rule instance: the end is not on the count
+    return list(range(int(start), int(end) + signed, signed))
+
+
+def follows_rule(prompt: str, answer: str) -> bool | None:
+    """Whether `answer` is exactly the count `prompt` asks for (numbers separated by
+    whitespace, nothing else); None when `prompt` states no counting rule."""
+    expected = rule_answer(prompt)
+    if expected is None:
+        return None
+    words = answer.split()
+    return all(word.isdigit() for word in words) and [int(word) for word in words] == expected
 
 
 BUILTIN_DATASETS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {

@@ -1,10 +1,13 @@
-"""The SimPO objective (shared/SIMPO.md), readable in one screen.
+"""The SimPO objective (docs/simpo.md), readable in one screen.
 
 pi_logratios = logp(chosen) - logp(rejected)
 logits       = pi_logratios - gamma_beta_ratio
 sigmoid:  L = -logsigmoid(beta*logits)*(1-eps) - logsigmoid(-beta*logits)*eps
 hinge:    L = relu(1 - beta*logits)
 total     = mean(L) + sft_weight * mean(-logp(chosen))
+
+`simpo_loss` is the per-pair preference loss; `simpo_objective` is what the trainer minimises
+(the total, with the SFT term) and the per-pair sums of every step metric.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from simpo_sweep.engine.batching import IGNORE_INDEX
+from simpo_sweep.engine.logps import ResponseLogps
+from simpo_sweep.spec.models import SimPOSpec
 
 LossType = Literal["sigmoid", "hinge"]
 
@@ -108,3 +113,44 @@ def reduce_token_logps(
             "a response has no tokens left after truncation; drop such pairs before training"
         )
     return summed_logps / token_counts
+
+
+def simpo_objective(
+    response_logps: ResponseLogps, simpo: SimPOSpec
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss (mean over the batch's pairs) and the per-pair sums of every metric."""
+    num_pairs = response_logps.summed.shape[0] // 2
+    # No empty-response check here: it would cost a host/device sync every micro-batch, and
+    # batching refuses pairs with an empty response before they reach the model.
+    logps = reduce_token_logps(
+        response_logps.summed,
+        response_logps.token_counts,
+        average=simpo.average_log_prob,
+        check_empty=False,
+    )
+    chosen_logps, rejected_logps = logps[:num_pairs], logps[num_pairs:]
+    preference = simpo_loss(
+        chosen_logps,
+        rejected_logps,
+        beta=simpo.beta,
+        gamma_beta_ratio=simpo.gamma_beta_ratio,
+        loss_type=simpo.loss_type,
+        label_smoothing=simpo.label_smoothing,
+    )
+    sft_losses = -chosen_logps
+    per_pair_total = preference.losses + simpo.sft_weight * sft_losses
+    mean_logits = response_logps.logit_sums / response_logps.token_counts.clamp_min(1)
+    margins = preference.chosen_rewards - preference.rejected_rewards
+    sums = {
+        "loss": per_pair_total.detach().sum(),
+        "sft_loss": sft_losses.detach().sum(),
+        "rewards/chosen": preference.chosen_rewards.sum(),
+        "rewards/rejected": preference.rejected_rewards.sum(),
+        "rewards/margins": margins.sum(),
+        "rewards/accuracies": (margins > 0).float().sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
+        "logits/chosen": mean_logits[:num_pairs].sum(),
+        "logits/rejected": mean_logits[num_pairs:].sum(),
+    }
+    return per_pair_total.mean(), sums

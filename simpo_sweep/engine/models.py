@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -12,6 +12,39 @@ from simpo_sweep.engine import demo
 from simpo_sweep.spec.models import ModelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Precision = Literal["bf16-mixed", "fp32", "bf16-true"]
+# bfloat16 keeps 8 significant bits: a weight w moves only when its update exceeds half its
+# spacing, |w| * 2**-8. AdamW's update is about the learning rate, so under bf16-true every
+# weight with |w| > 256 * lr stays where it is (at lr 1e-6: |w| > 2.6e-4, nearly all of them).
+BF16_RELATIVE_SPACING = 2.0**-8
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> Precision:
+    """`auto` = bf16-mixed on CUDA (bf16 tensor cores, fp32 master weights), fp32 elsewhere:
+    CPUs have no fast bf16 matmuls to pay for the casts."""
+    if precision == "auto":
+        return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in ("bf16-mixed", "fp32", "bf16-true"):
+        raise ValueError(f"unknown precision {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+def lost_update_warning(learning_rate: float) -> str:
+    """What bf16-true costs at this learning rate, in words a user can act on."""
+    threshold = learning_rate / BF16_RELATIVE_SPACING
+    return (
+        f"training.precision bf16-true updates bfloat16 weights in place: at learning rate "
+        f"{learning_rate:g} an AdamW step (about the learning rate) is rounded away on every "
+        f"weight larger than {threshold:.2g} in magnitude, which is most weights of a real "
+        "model, so most updates are lost; use bf16-mixed (float32 master weights, bf16 "
+        "compute) unless memory forbids it"
+    )
+
+
+def training_dtype(precision: Precision) -> torch.dtype:
+    """The dtype trained weights are held (and updated) in."""
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
 
 
 def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
@@ -64,9 +97,16 @@ def load_model(
     device: torch.device | str,
     *,
     seed: int = 0,
+    precision: Precision | None = None,
 ) -> PreTrainedModel:
-    """The spec's causal LM on `device`, ready to train. `seed` fixes a built-in model's init."""
-    dtype = resolve_dtype(model, device)
+    """The spec's causal LM on `device`, ready to train. `seed` fixes a built-in model's init.
+
+    With a `precision`, the weights are loaded straight into the dtype training holds them in
+    (float32 master weights under bf16-mixed, even when model.dtype is bfloat16: a bf16 file
+    loads into float32 exactly), so no second copy in model.dtype is ever made. Without one,
+    they load in model.dtype (what export writes).
+    """
+    dtype = resolve_dtype(model, device) if precision is None else training_dtype(precision)
     attn_implementation = None if model.attn_implementation == "auto" else model.attn_implementation
     loaded: PreTrainedModel
     if demo.is_builtin(model.name):

@@ -5,26 +5,37 @@ worker. Under torch.distributed the global micro-batch is split across ranks, so
 batch b see exactly the pairs one worker with batch N*b would, and every metric is averaged over
 all workers. Everything a resumed run needs (weights, optimizer, scheduler, step, data position,
 RNG) is in the checkpoint, so a stopped-and-resumed run ends with the same metrics.
+
+Several workers share a step by `strategy`: ddp (a whole replica each, gradients all-reduced)
+or fsdp (FSDP2 `fully_shard` per decoder layer and at the root: every rank holds 1/N of the
+weights, gradients and optimizer state). `training.precision` decides the dtype trained weights
+are held in (engine.models.resolve_precision); under bf16-mixed they are float32 master weights
+and only the compute runs in bf16 (autocast, or FSDP's MixedPrecisionPolicy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
+from simpo_sweep.engine import checkpoint as checkpoints
 from simpo_sweep.engine.batching import (
     Layout,
     PairBatch,
@@ -33,16 +44,15 @@ from simpo_sweep.engine.batching import (
     collate_layout,
 )
 from simpo_sweep.engine.logps import PolicyLogps
-from simpo_sweep.engine.metrics import (
-    PAIR_SUMS,
-    Diagnosis,
-    diagnose,
-    simpo_objective,
-    sums_to_means,
-)
+from simpo_sweep.engine.loss import simpo_objective
+from simpo_sweep.engine.metrics import PAIR_SUMS, Diagnosis, LogpsStart, diagnose, sums_to_means
+from simpo_sweep.engine.models import Precision, lost_update_warning, resolve_precision
 from simpo_sweep.spec.models import DiagnosticsSpec, SimPOSpec, TrainingSpec
 
-CHECKPOINT_FILE = "trainer_state.pt"
+# The file whose presence makes a folder a checkpoint (engine.checkpoint writes it last).
+CHECKPOINT_FILE = checkpoints.COMPLETE_MARKER
+
+Strategy = Literal["ddp", "fsdp"]
 
 
 class PairDataset(Protocol):
@@ -84,7 +94,8 @@ class StepEvent:
     max_steps: int
     train_metrics: dict[str, float]
     eval_metrics: dict[str, float] | None = None
-    checkpoint_dir: Path | None = None  # written by this rank (rank 0 only), this step
+    # this rank's part of this step's checkpoint (every rank writes one: its DCP shard)
+    checkpoint_dir: Path | None = None
     diagnosis: Diagnosis = field(default_factory=Diagnosis)
 
     @property
@@ -156,7 +167,11 @@ class SimPOTrainer:
         device: torch.device | str | None = None,
         checkpoint_root: Path | None = None,
         layout: Layout | None = None,
+        strategy: Strategy = "ddp",
+        checkpoint_info: dict[str, Any] | None = None,
     ):
+        """`strategy` applies with several ranks (one process has nothing to shard).
+        `checkpoint_info` is recorded in every checkpoint's marker (e.g. the LoRA settings)."""
         self.training = training
         self.simpo = simpo
         self.diagnostics = diagnostics or DiagnosticsSpec()
@@ -175,15 +190,36 @@ class SimPOTrainer:
             raise ValueError("the eval split is empty: evaluation metrics are means over its pairs")
 
         torch.manual_seed(training.seed)
-        self.model = model.to(self.device)
+        self.precision: Precision = resolve_precision(training.precision, self.device)
+        if self.precision == "bf16-true":
+            warnings.warn(lost_update_warning(training.learning_rate), stacklevel=2)
+        self.strategy: Strategy = strategy if self.world_size > 1 else "ddp"
+        self.model = _hold_weights(model.to(self.device), self.precision)
         # `layout` overrides the choice from padding_free and the attention implementation.
         self.layout: Layout = layout or choose_layout(
             training.padding_free, self._attention_implementation()
         )
+        if training.compile_layers:
+            _compile_decoder_layers(self.model)
         self.policy: nn.Module = PolicyLogps(self.model, chunk_tokens=training.logprob_chunk_tokens)
-        if self.world_size > 1:
+        # bf16 compute over float32 weights: FSDP casts the gathered weights itself (its
+        # MixedPrecisionPolicy); elsewhere autocast does. bf16-true weights are bf16 already.
+        self.autocast_bf16 = self.precision == "bf16-mixed" and self.strategy != "fsdp"
+        if self.world_size > 1 and self.strategy == "fsdp":
+            _fully_shard(self.policy, self.model, self.device, self.precision)
+        elif self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.policy = nn.parallel.DistributedDataParallel(self.policy, device_ids=device_ids)
+            # Gradients live in DDP's buckets instead of beside them: one gradient-sized
+            # copy fewer (engine.memory counts one).
+            self.policy = nn.parallel.DistributedDataParallel(
+                self.policy, device_ids=device_ids, gradient_as_bucket_view=True
+            )
+        self.checkpoint_info = {
+            "strategy": self.strategy,
+            "precision": self.precision,
+            **(checkpoint_info or {}),
+        }
+        # Created after sharding: FSDP replaces the parameters with their DTensor shards.
         self.optimizer = torch.optim.AdamW(
             self._parameter_groups(),
             lr=training.learning_rate,
@@ -192,16 +228,12 @@ class SimPOTrainer:
             # One kernel for the whole update on CUDA (TRL's default there too).
             fused=self.device.type == "cuda",
         )
-        if training.compile_layers:
-            _compile_decoder_layers(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(training))
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        # auto: bf16 where it is fast (CUDA); an explicit bf16 is honoured on any device.
-        self.autocast_bf16 = training.mixed_precision == "bf16" or (
-            training.mixed_precision == "auto" and self.device.type == "cuda"
-        )
+        # The first step's log-probs (before any update): collapse is a fall from them.
+        self.logps_start: LogpsStart | None = None
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -312,11 +344,12 @@ class SimPOTrainer:
         for micro_step in range(accumulation):
             batch = next(micro_batches)
             is_last_micro = micro_step == accumulation - 1
-            sync = (
-                contextlib.nullcontext()
-                if is_last_micro or not isinstance(self.policy, nn.parallel.DistributedDataParallel)
-                else self.policy.no_sync()
-            )
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if isinstance(self.policy, nn.parallel.DistributedDataParallel) and not is_last_micro:
+                sync = self.policy.no_sync()
+            elif isinstance(self.policy, FSDPModule):
+                # Reduce-scatter the gradients once per step, not once per micro-batch.
+                self.policy.set_requires_gradient_sync(is_last_micro)
             with sync:
                 with self._autocast():
                     loss, batch_sums = simpo_objective(self.policy(batch), self.simpo)
@@ -327,14 +360,7 @@ class SimPOTrainer:
                 sums[name] += batch_sums[name]
             num_pairs += batch.num_pairs
             num_tokens += batch.num_tokens
-        if self.training.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.training.max_grad_norm
-            )
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
-            )
+        grad_norm = self._clip_gradients()
         learning_rate = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
@@ -355,6 +381,23 @@ class SimPOTrainer:
         )
         return metrics
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm (before clipping), gradients clipped to max_grad_norm.
+
+        Under FSDP the gradients are DTensor shards: their norm is a partial one per rank
+        until `full_tensor()` reduces it, so every rank clips by the same global norm
+        (torchtitan's recipe).
+        """
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])  # type: ignore[misc]
+        if isinstance(total_norm, DTensor):
+            total_norm = total_norm.full_tensor()
+        if self.training.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                parameters, self.training.max_grad_norm, total_norm
+            )
+        return total_norm
+
     @property
     def _unwrapped_policy(self) -> nn.Module:
         """The PolicyLogps without its DistributedDataParallel wrapper (when it has one)."""
@@ -369,18 +412,28 @@ class SimPOTrainer:
         # Not through DDP: its first forward after a training step broadcasts buffers, a
         # collective that a rank without an eval batch would never join (a hang). Unwrapped,
         # the only collective here is the metrics' all_reduce, which every rank reaches.
+        # Under FSDP every forward all-gathers weights, so every rank must run the same number
+        # of them: a rank out of batches repeats one and discards its sums.
         policy = self._unwrapped_policy
         sums = {name: torch.zeros((), device=self.device) for name in PAIR_SUMS}
         num_pairs = 0
         size = self.training.eval_batch_size
         # Rank r evaluates every world_size-th batch; all ranks together cover the whole split.
-        for start in range(self.rank * size, len(self.eval_data), size * self.world_size):
+        starts = list(range(self.rank * size, len(self.eval_data), size * self.world_size))
+        rounds = len(starts)
+        if self.strategy == "fsdp":
+            rounds = math.ceil(math.ceil(len(self.eval_data) / size) / self.world_size)
+        for round_index in range(rounds):
+            counted = round_index < len(starts)
+            start = starts[round_index] if counted else 0
             examples = [
                 pair_at(self.eval_data, i)
                 for i in range(start, min(start + size, len(self.eval_data)))
             ]
             with self._autocast():
                 _, batch_sums = simpo_objective(policy(self._collate(examples)), self.simpo)
+            if not counted:
+                continue
             for name in PAIR_SUMS:
                 sums[name] += batch_sums[name]
             num_pairs += len(examples)
@@ -392,13 +445,14 @@ class SimPOTrainer:
     # ---- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs besides the weights and the optimizer state (which
+        engine.checkpoint writes with DCP, sharded as they are)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "logps_start": dataclasses.asdict(self.logps_start) if self.logps_start else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -407,19 +461,19 @@ class SimPOTrainer:
         }
 
     def save_checkpoint(self, directory: Path) -> Path:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), directory / CHECKPOINT_FILE)
-        return directory
+        """Every rank calls it (a collective); each writes its part into `directory`."""
+        return checkpoints.save_checkpoint(
+            directory, self.model, self.optimizer, self.state_dict(), self.checkpoint_info
+        )
 
     def load_checkpoint(self, directory: Path) -> None:
-        # Loaded on the CPU: RNG states must stay CPU byte tensors, and load_state_dict copies
-        # weights and optimizer state onto their parameters' devices anyway.
-        state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Every rank calls it, with the whole checkpoint (all ranks' parts) in `directory`."""
+        state = checkpoints.load_checkpoint(directory, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        start = state.get("logps_start")
+        self.logps_start = LogpsStart(**start) if start is not None else None
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -439,6 +493,8 @@ class SimPOTrainer:
         stopped_reason: str | None = None
         while self.step < training.max_steps:
             train_metrics = self.train_step(micro_batches)
+            if self.logps_start is None:
+                self.logps_start = LogpsStart.read(train_metrics)
             done = self.step >= training.max_steps
             event = StepEvent(self.step, training.max_steps, train_metrics)
             if self.step % training.eval_every == 0 or done:
@@ -449,11 +505,12 @@ class SimPOTrainer:
                 max_steps=training.max_steps,
                 rules=self.diagnostics,
                 length_averaged=self.simpo.average_log_prob,
+                start=self.logps_start,
             )
             event.diagnosis = diagnosis
             degenerate = bool(diagnosis.degenerate) and self.diagnostics.stop_degenerate
             checkpoint_due = self.step % training.checkpoint_every == 0 or done
-            if checkpoint_due and not degenerate and self.rank == 0 and self.checkpoint_root:
+            if checkpoint_due and not degenerate and self.checkpoint_root:
                 event.checkpoint_dir = self.save_checkpoint(
                     self.checkpoint_root / f"step_{self.step:06d}"
                 )
@@ -464,6 +521,56 @@ class SimPOTrainer:
             if stopped_reason:
                 break
         return TrainResult(self.step, metrics, stopped_reason, diagnosis)
+
+
+def _hold_weights(model: nn.Module, precision: Precision) -> nn.Module:
+    """Trainable weights in the dtype the optimizer updates them in.
+
+    bf16-mixed and fp32: float32 (master weights), whatever model.dtype loaded them as.
+    Frozen weights (the base model under LoRA) keep their dtype under bf16-mixed: they are
+    never updated, so bf16 loses nothing there and halves their memory; fp32 computes in
+    float32 throughout, so they are cast too. bf16-true: everything in bfloat16.
+    """
+    if precision == "bf16-true":
+        return model.to(torch.bfloat16)
+    for parameter in model.parameters():
+        if parameter.dtype != torch.float32 and (parameter.requires_grad or precision == "fp32"):
+            # In place on the Parameter object: tied weights stay one tensor.
+            parameter.data = parameter.data.float()
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers of a transformers causal LM (peft-wrapped or not), if it has them."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def _fully_shard(
+    policy: nn.Module, model: nn.Module, device: torch.device, precision: Precision
+) -> None:
+    """FSDP2 as torchtitan applies it: one group per decoder layer (gathered just for its own
+    forward and backward), then the root, which holds the rest (embeddings, final norm, LM
+    head) in one group, so tied input and output embeddings stay one parameter. The root is
+    PolicyLogps, whose forward is the one called: its pre-forward hook gathers the root's
+    weights before the LM head's weight is read directly by the chunked log-probs."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"strategy fsdp: {type(model).__name__} has no decoder layers to shard")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy_kwargs: dict[str, Any] = {}
+    if precision == "bf16-mixed":
+        # bf16 gathers and compute, float32 gradient reduction into float32 master shards.
+        policy_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, **policy_kwargs)
+    fully_shard(policy, mesh=mesh, **policy_kwargs)
 
 
 def _compile_decoder_layers(model: nn.Module) -> None:

@@ -9,15 +9,8 @@ from pathlib import Path
 
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.results import format_table
-from simpo_sweep.service.sweep import (
-    SweepOutcome,
-    alive_nodes,
-    cluster_resources,
-    connect,
-    find_sweep_dir,
-    load_sweep_spec,
-    tracking_uri,
-)
+from simpo_sweep.service.storage import find_sweep_dir, load_sweep_spec, tracking_uri
+from simpo_sweep.service.sweep import SweepOutcome, alive_nodes, cluster_resources, connect
 from simpo_sweep.spec.loading import SpecError, check_resources, load_spec
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import count_trials, describe_space, searched_keys
@@ -43,11 +36,24 @@ def _cluster_resources(address: str) -> dict[str, float]:
 
 
 def validate(spec: SweepSpec, address: str | None = None) -> str:
-    where = f"the Ray cluster at {address}" if address else "this machine"
-    available = _cluster_resources(address) if address else _local_resources()
-    problems = check_resources(spec, available, where)
-    if problems:
-        raise SpecError("resources", problems)
+    """The spec checked everywhere; its resources against the cluster at `address` (refused
+    when it cannot run there), else against this machine as a note only: a spec written for
+    a GPU cluster is checked on a laptop before it is submitted."""
+    notes = []
+    if address:
+        problems = check_resources(
+            spec, _cluster_resources(address), f"the Ray cluster at {address}"
+        )
+        if problems:
+            raise SpecError("resources", problems)
+    else:
+        problems = check_resources(spec, _local_resources(), "this machine")
+        if problems:
+            reasons = "; ".join(f"{problem.path}: {problem.message}" for problem in problems)
+            notes.append(
+                f"note: this machine cannot run it: {reasons}; it is checked again by run "
+                "and submit (against the cluster they use)"
+            )
     lines = [f"spec OK: sweep '{spec.name}'", "search space:"]
     lines += [f"  {line}" for line in describe_space(spec)]
     if not searched_keys(spec):
@@ -61,6 +67,7 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
         f"per trial: {spec.resources.num_workers} worker(s) "
         f"x {spec.resources.cpus_per_worker:g} CPU"
         + (f", {spec.resources.gpus_per_worker:g} GPU" if spec.resources.gpus_per_worker else ""),
+        *notes,
     ]
     return "\n".join(lines)
 
@@ -71,7 +78,7 @@ def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
     if outcome.status != "completed":
         print(
             f"sweep {outcome.sweep_id} interrupted; continue it with: "
-            f"simpo-sweep resume {outcome.sweep_dir}"
+            f"simpo-sweep resume {outcome.location}"
         )
         return
     if outcome.best is None:

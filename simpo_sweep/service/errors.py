@@ -15,5 +15,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Called only once an error is in hand: the data module imports torch and transformers,
     which commands like `status` never need."""
     from simpo_sweep.engine.data import DataError
+    from simpo_sweep.tracking.mlflow_runs import TrackingError
 
-    return (SweepError, JobError, DataError)
+    return (SweepError, JobError, DataError, TrackingError)

@@ -36,6 +36,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from simpo_sweep.service.errors import JobError
+from simpo_sweep.service.storage import StorageLocation
 from simpo_sweep.spec.loading import load_spec
 from simpo_sweep.spec.models import SweepSpec
 
@@ -170,13 +171,9 @@ def client(address: str) -> JobSubmissionClient:
 # ---- submit ---------------------------------------------------------------------------------
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _local_path(path: str) -> Path | None:
     """`path` as a local file or folder that exists, or None (hub ids, builtins, URIs)."""
-    if _is_uri(path) or path.startswith("builtin:"):
+    if "://" in path or path.startswith("builtin:"):  # a URI or a hub id is no local path
         return None
     candidate = Path(path).expanduser()
     return candidate if candidate.exists() else None
@@ -197,19 +194,21 @@ def job_document(spec: SweepSpec, staging: Path, notes: list[str]) -> dict[str, 
     document = spec.model_dump(mode="json", exclude_none=True)
     changed = False
 
-    storage = spec.storage.path
-    if not _is_uri(storage) and not Path(storage).expanduser().is_absolute():
-        absolute = str(Path(storage).expanduser().resolve())
-        document["storage"]["path"] = absolute
-        notes.append(
-            f"storage.path {storage!r} is relative: the job writes to {absolute}, which must "
-            "exist on the cluster (on a multi-node cluster: shared storage)"
-        )
+    storage = StorageLocation.parse(spec.storage.path)
+    if storage.uri != spec.storage.path:  # relative, ~ or file://: the job's folder differs
+        document["storage"]["path"] = storage.uri
+        if not storage.is_remote and not Path(spec.storage.path).is_absolute():
+            notes.append(
+                f"storage.path {spec.storage.path!r} is relative: the job writes to "
+                f"{storage.uri}, which must exist on the cluster (on a multi-node cluster: "
+                "shared storage)"
+            )
         changed = True
-    cache = spec.data.cache_dir
-    if cache and not _is_uri(cache) and not Path(cache).expanduser().is_absolute():
-        document["data"]["cache_dir"] = str(Path(cache).expanduser().resolve())
-        changed = True
+    if spec.data.cache_dir:
+        cache = StorageLocation.parse(spec.data.cache_dir)
+        if cache.uri != spec.data.cache_dir:
+            document["data"]["cache_dir"] = cache.uri
+            changed = True
 
     source = spec.data.source
     local = _local_path(source)

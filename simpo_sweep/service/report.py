@@ -7,6 +7,7 @@ The source is the sweep's MLflow runs (what the UI shows): child runs' params, t
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ import matplotlib.pyplot as plt
 
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.results import STATE_UNFINISHED, TrialRow, format_table, rank_rows
-from simpo_sweep.service.sweep import find_sweep_dir, load_sweep_spec, tracking_uri
+from simpo_sweep.service.storage import (
+    StorageLocation,
+    artifact_location,
+    find_sweep_dir,
+    load_sweep_spec,
+    tracking_uri,
+)
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import param_name, searched_keys
 from simpo_sweep.tracking.mlflow_runs import (
@@ -26,6 +33,7 @@ from simpo_sweep.tracking.mlflow_runs import (
     SweepTracking,
     last_logged_step,
 )
+from simpo_sweep.trial.outcome import TrialState
 
 CURVES = {
     "reward_margins.png": ("train/rewards/margins", "eval/rewards/margins"),
@@ -42,7 +50,7 @@ def _rows_from_mlflow(spec: SweepSpec, tracking: SweepTracking) -> list[TrialRow
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                state=run.data.tags.get(TAG_STATE, STATE_UNFINISHED),
+                state=TrialState(run.data.tags.get(TAG_STATE, STATE_UNFINISHED)),
                 step=last_logged_step(tracking.client, run.info.run_id),
                 metric=float(value) if value is not None and math.isfinite(value) else None,
                 diagnosis=run.data.tags.get(TAG_DIAGNOSIS, ""),
@@ -59,7 +67,9 @@ def _history(tracking: SweepTracking, run_id: str, key: str) -> tuple[list[int],
     return [m.step for m in points], [m.value for m in points]
 
 
-def plot_curves(spec: SweepSpec, tracking: SweepTracking, out_dir: Path) -> list[Path]:
+def plot_curves(
+    spec: SweepSpec, tracking: SweepTracking, out_dir: StorageLocation
+) -> list[StorageLocation]:
     runs = tracking.child_runs()
     paths = []
     for file_name, (train_key, eval_key) in CURVES.items():
@@ -78,14 +88,14 @@ def plot_curves(spec: SweepSpec, tracking: SweepTracking, out_dir: Path) -> list
         axes[1].legend(fontsize=7, loc="best")
         figure.suptitle(f"{spec.name}: {train_key.split('/', 1)[1]} per trial")
         figure.tight_layout()
-        path = out_dir / file_name
-        figure.savefig(path, dpi=110)
+        paths.append(out_dir.save_figure(figure, file_name))
         plt.close(figure)
-        paths.append(path)
     return paths
 
 
-def plot_metric_vs_knobs(spec: SweepSpec, rows: list[TrialRow], out_dir: Path) -> list[Path]:
+def plot_metric_vs_knobs(
+    spec: SweepSpec, rows: list[TrialRow], out_dir: StorageLocation
+) -> list[StorageLocation]:
     paths = []
     for knob in [param_name(searched) for searched in searched_keys(spec)]:
         points = [
@@ -108,10 +118,8 @@ def plot_metric_vs_knobs(spec: SweepSpec, rows: list[TrialRow], out_dir: Path) -
         axis.grid(alpha=0.3)
         axis.set_title(f"{spec.search.metric} vs {knob}")
         figure.tight_layout()
-        path = out_dir / f"metric_vs_{knob.replace('.', '_')}.png"
-        figure.savefig(path, dpi=110)
+        paths.append(out_dir.save_figure(figure, f"metric_vs_{knob.replace('.', '_')}.png"))
         plt.close(figure)
-        paths.append(path)
     return paths
 
 
@@ -129,21 +137,29 @@ def _spans_decades(points: list[tuple[Any, Any, Any]]) -> bool:
 
 
 def write_report(
-    spec: SweepSpec, sweep_dir: Path, tracking: SweepTracking, *, log_to_mlflow: bool = True
-) -> tuple[str, list[Path]]:
+    spec: SweepSpec,
+    sweep_dir: StorageLocation,
+    tracking: SweepTracking,
+    *,
+    log_to_mlflow: bool = True,
+) -> tuple[str, list[StorageLocation]]:
     """The ranking from MLflow, the table and plots under <sweep>/report/, the plots logged to
     the parent run. Returns the table and the files."""
     rows = _rows_from_mlflow(spec, tracking)
     if not rows:
         raise SweepError(f"sweep {sweep_dir.name} has no trials recorded in MLflow")
     out_dir = sweep_dir / "report"
-    out_dir.mkdir(exist_ok=True)
+    out_dir.mkdirs()
     table = format_table(spec, rows)
     (out_dir / "results.md").write_text(table)
     plots = plot_curves(spec, tracking, out_dir) + plot_metric_vs_knobs(spec, rows, out_dir)
     if log_to_mlflow:
-        for path in plots:
-            tracking.client.log_artifact(tracking.parent_run_id, str(path), "plots")
+        with tempfile.TemporaryDirectory() as staging:
+            for plot in plots:
+                # MLflow uploads from local files; the plots may live in a bucket.
+                local = Path(staging) / plot.name
+                local.write_bytes(plot.read_bytes())
+                tracking.client.log_artifact(tracking.parent_run_id, str(local), "plots")
     return table, [out_dir / "results.md", *plots]
 
 
@@ -156,7 +172,13 @@ def report(sweep: str, *, log_to_mlflow: bool = True) -> str:
         if not table_file.is_file():
             raise SweepError(f"{sweep_dir} has no results yet and tracking is off")
         return table_file.read_text()
-    tracking = SweepTracking(uri, spec.experiment_name, spec.name, sweep_dir.name)
+    tracking = SweepTracking(
+        uri,
+        spec.experiment_name,
+        spec.name,
+        sweep_dir.name,
+        artifact_location=artifact_location(spec),
+    )
     table, files = write_report(spec, sweep_dir, tracking, log_to_mlflow=log_to_mlflow)
     listing = "\n".join(f"  {path}" for path in files)
     return f"{table}\nfiles:\n{listing}"

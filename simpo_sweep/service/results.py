@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from simpo_sweep.service.storage import StorageLocation
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import param_name, searched_keys, spec_with_trial
+from simpo_sweep.trial.outcome import DIAGNOSIS, STEP, TrialOutcome, TrialState
 from simpo_sweep.trial.trainable import sampled_values
-from simpo_sweep.trial.worker import DIAGNOSIS, STEP, VERDICT
 
-STATE_COMPLETED = "completed"
-STATE_STOPPED_EARLY = "stopped_early"
-STATE_DEGENERATE = "degenerate"
-STATE_FAILED = "failed"
-STATE_UNFINISHED = "unfinished"  # interrupted; `resume` continues it
+# The states by their names, as tests and the MLflow tag spell them.
+STATE_COMPLETED = TrialState.COMPLETED
+STATE_STOPPED_EARLY = TrialState.STOPPED_EARLY
+STATE_DEGENERATE = TrialState.DEGENERATE
+STATE_FAILED = TrialState.FAILED
+STATE_UNFINISHED = TrialState.UNFINISHED
 
 SUMMARY_METRICS = (
     "eval/rewards/accuracies",
@@ -34,18 +36,10 @@ SUMMARY_METRICS = (
 )
 
 
-def final_state(result: dict[str, Any], max_steps: int) -> str:
-    if result.get(VERDICT) == "degenerate":
-        return STATE_DEGENERATE
-    if int(result.get(STEP, 0)) >= max_steps:
-        return STATE_COMPLETED
-    return STATE_STOPPED_EARLY
-
-
 @dataclass
 class TrialRow:
     trial_id: str
-    state: str
+    state: TrialState
     step: int
     metric: float | None
     diagnosis: str
@@ -54,29 +48,30 @@ class TrialRow:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def trial_rows(spec: SweepSpec, results: Any, states: dict[str, tuple[str, str]]) -> list[TrialRow]:
-    """Rows ranked best first (by the sweep's metric; failed and metric-less trials last)."""
+def trial_rows(spec: SweepSpec, results: Any, outcomes: dict[str, TrialOutcome]) -> list[TrialRow]:
+    """Rows ranked best first (by the sweep's metric; failed and metric-less trials last).
+    A trial with no recorded outcome was cut off: unfinished, or failed if Tune says so."""
     rows = []
     searched = searched_keys(spec)
     for result in results:
         metrics = dict(result.metrics or {})
-        trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+        trial_id = str(metrics.get("trial_id") or str(result.path).rstrip("/").rsplit("/", 1)[-1])
         sampled = sampled_values(dict(result.config or {}))
-        if trial_id in states:
-            state, diagnosis = states[trial_id]
-        elif result.error is not None:
-            state, diagnosis = STATE_FAILED, str(result.error).splitlines()[0][:300]
-        else:
-            state, diagnosis = STATE_UNFINISHED, "interrupted; `simpo-sweep resume` continues it"
+        outcome = outcomes.get(trial_id) or TrialOutcome.decide(
+            metrics,
+            max_steps=spec.training.max_steps,
+            error=str(result.error).splitlines()[0][:300] if result.error is not None else None,
+            ended=False,
+        )
         value = metrics.get(spec.search.metric)
         metric = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                state=state,
+                state=outcome.state,
                 step=int(metrics.get(STEP, 0)),
                 metric=metric,
-                diagnosis=diagnosis or str(metrics.get(DIAGNOSIS, "")),
+                diagnosis=outcome.diagnosis or str(metrics.get(DIAGNOSIS, "")),
                 params={param_name(path): sampled.get(path) for path in searched},
                 sampled=sampled,
                 metrics={
@@ -121,7 +116,15 @@ def format_table(spec: SweepSpec, rows: list[TrialRow]) -> str:
         lines.append(
             "| "
             + " | ".join(
-                [str(rank), row.trial_id, row.state, str(row.step), metric, *values, row.diagnosis]
+                [
+                    str(rank),
+                    row.trial_id,
+                    str(row.state),
+                    str(row.step),
+                    metric,
+                    *values,
+                    row.diagnosis,
+                ]
             )
             + " |"
         )
@@ -134,13 +137,26 @@ def _short(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def write_results(spec: SweepSpec, rows: list[TrialRow], sweep_dir: Path) -> dict[str, Path]:
-    files = {"results.md": sweep_dir / "results.md", "results.csv": sweep_dir / "results.csv"}
+def write_results(
+    spec: SweepSpec, rows: list[TrialRow], sweep: StorageLocation
+) -> dict[str, StorageLocation]:
+    """results.md, results.csv and (when a trial is usable) best_config.yaml in the sweep's
+    folder; returns name -> location."""
+    files = {"results.md": sweep / "results.md", "results.csv": sweep / "results.csv"}
     files["results.md"].write_text(format_table(spec, rows))
+    files["results.csv"].write_text(results_csv(spec, rows))
+    best = best_row(rows)
+    if best is not None:
+        files["best_config.yaml"] = sweep / "best_config.yaml"
+        files["best_config.yaml"].write_text(best_config_yaml(spec, best))
+    return files
+
+
+def results_csv(spec: SweepSpec, rows: list[TrialRow]) -> str:
     # The ranking metric has its own column, after the state.
     metric_names = sorted({key for row in rows for key in row.metrics} - {spec.search.metric})
     knobs = list(rows[0].params) if rows else []
-    with files["results.csv"].open("w", newline="") as handle:
+    with io.StringIO(newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["trial_id", "state", "step", spec.search.metric, *knobs, *metric_names, "diagnosis"]
@@ -149,7 +165,7 @@ def write_results(spec: SweepSpec, rows: list[TrialRow], sweep_dir: Path) -> dic
             writer.writerow(
                 [
                     row.trial_id,
-                    row.state,
+                    str(row.state),
                     row.step,
                     row.metric,
                     *(row.params.get(k) for k in knobs),
@@ -157,11 +173,7 @@ def write_results(spec: SweepSpec, rows: list[TrialRow], sweep_dir: Path) -> dic
                     row.diagnosis,
                 ]
             )
-    best = best_row(rows)
-    if best is not None:
-        files["best_config.yaml"] = sweep_dir / "best_config.yaml"
-        files["best_config.yaml"].write_text(best_config_yaml(spec, best))
-    return files
+        return handle.getvalue()
 
 
 def _usable(row: TrialRow) -> bool:
@@ -169,7 +181,7 @@ def _usable(row: TrialRow) -> bool:
     # is that of a trial ASHA stopped early: it ranks by it, and `report` on an interrupted
     # sweep shows where each trial stands. A failed or degenerate trial's metric says nothing
     # of its configuration.
-    return row.metric is not None and row.state not in {STATE_FAILED, STATE_DEGENERATE}
+    return row.metric is not None and row.state.usable
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:

@@ -9,23 +9,25 @@ Layout of a sweep on storage (`storage.path/<sweep id>/`):
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import ray
 import yaml
 from ray import tune
 
-from simpo_sweep.engine.data import prepare_data
+from simpo_sweep.engine.data import PreparedData, prepare_data
 from simpo_sweep.service.errors import SweepError
-from simpo_sweep.service.progress import SweepProgress, read_final_states
+from simpo_sweep.service.progress import LiveView, SweepProgress, read_outcomes
+from simpo_sweep.service.report import write_report
 from simpo_sweep.service.results import (
     STATE_UNFINISHED,
     TrialRow,
@@ -34,7 +36,15 @@ from simpo_sweep.service.results import (
     write_results,
 )
 from simpo_sweep.service.search import param_space, scheduler, search_algorithm
-from simpo_sweep.spec.loading import Problem, SpecError, check_resources, load_spec
+from simpo_sweep.service.storage import (
+    LOCAL_HOME,
+    SPEC_FILE,
+    StorageLocation,
+    artifact_location,
+    storage_location,
+    tracking_uri,
+)
+from simpo_sweep.spec.loading import Problem, SpecError, check_resources
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import (
     count_trials,
@@ -43,13 +53,15 @@ from simpo_sweep.spec.space import (
     spec_with_trial,
     stage_specs,
 )
-from simpo_sweep.tracking.mlflow_runs import SweepTracking, default_tracking_uri, is_local_store
+from simpo_sweep.tracking.mlflow_runs import (
+    SweepTracking,
+    check_tracking_server,
+    is_local_store,
+    tracking_credentials,
+)
 from simpo_sweep.tracking.redact import redact_text
-from simpo_sweep.trial.trainable import TrialContext, make_trainable
-
-SPEC_FILE = "spec.yaml"
-LOCAL_DATA_CACHE = Path.home() / ".cache" / "simpo-sweep" / "data"
-REMOTE_STORAGE_SCHEMES = {"s3", "gs", "gcs", "abfs", "az", "hdfs"}
+from simpo_sweep.trial.plan import DataLocation, TrialPlan
+from simpo_sweep.trial.trainable import make_trainable
 
 Printer = Callable[[str], None]
 
@@ -57,44 +69,54 @@ Printer = Callable[[str], None]
 @dataclass
 class SweepOutcome:
     sweep_id: str
-    sweep_dir: Path
+    location: StorageLocation  # the sweep's folder: local or in a bucket
     status: str  # completed | interrupted
     rows: list[TrialRow]
     best: TrialRow | None
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, StorageLocation] = field(default_factory=dict)
+
+    @property
+    def sweep_dir(self) -> Path:
+        """The sweep's folder on this machine (a bucket sweep has none: use `location`)."""
+        if self.location.local_path is None:
+            raise SweepError(f"sweep {self.sweep_id} is in a bucket: {self.location}")
+        return self.location.local_path
 
 
 def new_sweep_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_root(spec: SweepSpec) -> str:
-    """Absolute storage path (URIs kept as they are): Ray workers run in other folders."""
-    if urlparse(spec.storage.path).scheme in REMOTE_STORAGE_SCHEMES:
-        return spec.storage.path
-    return str(Path(spec.storage.path).expanduser().resolve())
+def quiet_ray(verbose: bool) -> None:
+    """Ray's banners, Tune's configuration box and per-checkpoint lines off unless verbose:
+    the sweep prints one line per trial event of its own."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if verbose:
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # "Creating initial MLflow database tables..." and the like.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def tracking_uri(spec: SweepSpec) -> str | None:
-    if not spec.tracking.enabled:
-        return None
-    return (
-        spec.tracking.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or default_tracking_uri(storage_root(spec))
-    )
-
-
-def connect(address: str | None) -> None:
+def connect(address: str | None, *, verbose: bool = True) -> None:
     """Local Ray by default; an existing cluster when an address is given."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    quiet_ray(verbose)
+    # Trial processes' output (Ray Train's local-mode notice, "Checkpoint successfully
+    # created at ...") reaches this terminal only when asked for: trial errors are reported
+    # by the sweep itself, with the trial's error file.
+    options: dict[str, Any] = {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **options)
         else:
-            ray.init(include_dashboard=False)
+            ray.init(include_dashboard=False, **options)
     except ConnectionError as error:
         raise SweepError(f"cannot reach the Ray cluster at {address}: {error}") from error
 
@@ -124,15 +146,14 @@ def cluster_resources(nodes: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def check_cluster(spec: SweepSpec, storage: str, uri: str | None) -> None:
+def check_cluster(spec: SweepSpec, storage: StorageLocation, uri: str | None) -> None:
     """Refuse what can never work on the connected cluster, before anything is recorded."""
     nodes = alive_nodes()
     problems = check_resources(spec, cluster_resources(nodes), "the Ray cluster")
     hosts = {node["NodeManagerAddress"] for node in nodes}
     if len(hosts) > 1:
         # Several machines: what trials write must be reachable from every one of them.
-        remote = urlparse(storage).scheme in REMOTE_STORAGE_SCHEMES
-        if not remote and not spec.storage.shared_filesystem:
+        if not storage.is_remote and not spec.storage.shared_filesystem:
             problems.append(
                 Problem(
                     "storage.path",
@@ -159,7 +180,9 @@ def _describe_space(spec: SweepSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _tuner(spec: SweepSpec, tune_dir: Path, trainable: Any, progress: SweepProgress) -> tune.Tuner:
+def _tuner(
+    spec: SweepSpec, tune_dir: StorageLocation, trainable: Any, progress: SweepProgress
+) -> tune.Tuner:
     search = spec.search
     return tune.Tuner(
         trainable,
@@ -178,12 +201,29 @@ def _tuner(spec: SweepSpec, tune_dir: Path, trainable: Any, progress: SweepProgr
         ),
         run_config=tune.RunConfig(
             name=tune_dir.name,
-            storage_path=str(tune_dir.parent),
+            storage_path=tune_dir.parent.uri,
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             callbacks=[progress],
             verbose=0,
         ),
     )
+
+
+def prepare_sweep_data(spec: SweepSpec, storage: StorageLocation) -> PreparedData:
+    """Tokenised once per sweep, cached under the storage (`data_cache/`): tokenised on this
+    machine, and with bucket storage a copy of the prepared folder kept in the bucket."""
+    cache = (
+        StorageLocation.parse(spec.data.cache_dir)
+        if spec.data.cache_dir
+        else storage / "data_cache"
+    )
+    local_cache = cache.local_path or LOCAL_HOME / "data"
+    prepared = prepare_data(spec.model, spec.data, local_cache)
+    if cache.is_remote and prepared.path is not None:
+        copy = cache / prepared.path.name
+        if not copy.exists():
+            copy.upload_folder(prepared.path)
+    return prepared
 
 
 def run_sweep(
@@ -194,34 +234,39 @@ def run_sweep(
     sweep_id: str | None = None,
     resume: bool = False,
     printer: Printer = print,
+    live: bool = False,
+    verbose: bool = True,
 ) -> SweepOutcome:
-    """Run (or resume) a sweep; a staged search runs its stages in order, each from the best."""
-    storage = storage_root(spec)
+    """Run (or resume) a sweep; a staged search runs its stages in order, each from the best.
+    `live`: a rich progress panel on the terminal; `verbose`: Ray's own output too."""
+    storage = storage_location(spec)
     sweep_id = sweep_id or new_sweep_id(spec.name)
-    sweep_dir = Path(storage) / sweep_id
+    sweep_dir = storage / sweep_id
     uri = tracking_uri(spec)
-    connect(address)
+    if uri is not None:
+        check_tracking_server(uri)  # before Ray starts: a refused password is one line
+    connect(address, verbose=verbose)
     _treat_sigterm_as_ctrl_c()
     check_cluster(spec, storage, uri)
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir.mkdirs()
     spec_yaml = spec_text or yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     if not resume:
         (sweep_dir / SPEC_FILE).write_text(spec_yaml)
 
     printer(f"sweep {sweep_id}: preparing data ({spec.data.source}) ...")
-    remote_storage = urlparse(storage).scheme in REMOTE_STORAGE_SCHEMES
-    default_cache = LOCAL_DATA_CACHE if remote_storage else Path(storage) / "data_cache"
-    prepared = prepare_data(spec.model, spec.data, spec.data.cache_dir or default_cache)
+    prepared = prepare_sweep_data(spec, storage)
     # Trials read the prepared folder where every node sees it (local runs, shared mounts);
     # with bucket storage the splits travel through Ray's object store instead.
-    data_ref = ray.put(prepared) if remote_storage else None
+    data = DataLocation(
+        path=str(prepared.path), object_ref=ray.put(prepared) if storage.is_remote else None
+    )
     tracking_args = None
     tracking = None
     if uri is not None:
         experiment = spec.experiment_name
         tracking_args = (uri, experiment, spec.name, sweep_id)
-        tracking = SweepTracking(*tracking_args)
+        tracking = SweepTracking(*tracking_args, artifact_location=artifact_location(spec))
         tracking.log_sweep_settings(
             _sweep_params(spec),
             {"spec.yaml": spec_yaml, "search_space.txt": _describe_space(spec)},
@@ -238,61 +283,73 @@ def run_sweep(
     # the winners of every earlier stage carry on to the last stage and to best_config.yaml.
     stage_spec = spec
     interrupted = False
-    for index, stage in enumerate(stages):
-        stage_spec = next_stage_spec(stage, stage_spec, rows)
-        if len(stages) > 1:
-            tune_dir = sweep_dir / f"stage{index + 1}-{spec.search.stages[index].name}"
-            printer(f"stage {index + 1}/{len(stages)} '{spec.search.stages[index].name}'")
-        else:
-            tune_dir = sweep_dir
-        context = TrialContext(
-            spec=stage_spec.model_dump(mode="json"),
-            sweep_id=sweep_id,
-            data_path=str(prepared.path),
-            data_ref=data_ref,
-            storage_path=str(sweep_dir / "train"),
-            tracking_uri=uri,
-            experiment=spec.experiment_name,
-        )
-        trainable = make_trainable(context)
-        if tune.Tuner.can_restore(str(tune_dir)):
-            if not resume:
-                raise SweepError(
-                    f"{tune_dir} already holds a sweep; `simpo-sweep resume` continues it"
-                )
-            tuner = tune.Tuner.restore(
-                str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+    view = LiveView(count_trials(spec), spec.search.metric) if live else None
+    try:
+        for index, stage in enumerate(stages):
+            stage_spec = next_stage_spec(stage, stage_spec, rows)
+            if len(stages) > 1:
+                tune_dir = sweep_dir / f"stage{index + 1}-{spec.search.stages[index].name}"
+                printer(f"stage {index + 1}/{len(stages)} '{spec.search.stages[index].name}'")
+            else:
+                tune_dir = sweep_dir
+            plan = TrialPlan(
+                sweep_id=sweep_id,
+                spec=stage_spec,
+                data=data,
+                train_storage=(sweep_dir / "train").uri,
+                tracking_uri=uri,
+                experiment=spec.experiment_name,
+                tracking_env=tracking_credentials(os.environ),
             )
-        else:
-            progress = SweepProgress(stage_spec, sweep_dir, tracking_args, printer)
-            tuner = _tuner(stage_spec, tune_dir, trainable, progress)
-        results = tuner.fit()
-        rows = trial_rows(stage_spec, results, read_final_states(sweep_dir))
-        # Ctrl-C before every trial started leaves fewer trials than the search asked for.
-        never_started = search_unfinished(stage_spec, len(rows))
-        interrupted = never_started or any(row.state == STATE_UNFINISHED for row in rows)
-        if interrupted:
-            break
+            trainable = make_trainable(plan)
+            if tune.Tuner.can_restore(tune_dir.uri):
+                if not resume:
+                    raise SweepError(
+                        f"{tune_dir} already holds a sweep; `simpo-sweep resume` continues it"
+                    )
+                tuner = tune.Tuner.restore(
+                    tune_dir.uri, trainable=trainable, resume_unfinished=True, resume_errored=True
+                )
+            else:
+                progress = SweepProgress(stage_spec, sweep_dir, tracking_args, printer, view)
+                tuner = _tuner(stage_spec, tune_dir, trainable, progress)
+            results = tuner.fit()
+            rows = trial_rows(stage_spec, results, read_outcomes(sweep_dir))
+            # Ctrl-C before every trial started leaves fewer trials than the search asked for.
+            never_started = search_unfinished(stage_spec, len(rows))
+            interrupted = never_started or any(row.state == STATE_UNFINISHED for row in rows)
+            if interrupted:
+                break
+    finally:
+        if view is not None:
+            view.stop()
 
     status = "interrupted" if interrupted else "completed"
     files = write_results(stage_spec, rows, sweep_dir)
     if tracking is not None:
-        from simpo_sweep.service.report import write_report  # report builds on this module
-
         for row in rows:
             run_id = tracking.run_id_for(row.trial_id) if row.state == STATE_UNFINISHED else None
             if run_id is not None:
                 tracking.finish_trial(run_id, row.state, row.diagnosis)
+        best = best_row(rows)
+        tracking.log_sweep_summary(
+            spec.search.metric,
+            best.metric if best is not None else None,
+            best.trial_id if best is not None else None,
+            best.params if best is not None else {},
+            Counter(row.state for row in rows),
+        )
         if rows:
             files.update(
-                (f"report/{path.name}", path) for path in write_report(spec, sweep_dir, tracking)[1]
+                (f"report/{location.name}", location)
+                for location in write_report(spec, sweep_dir, tracking)[1]
             )
         tracking.finish(
             status,
             {
-                name: path.read_text()
-                for name, path in files.items()
-                if path.suffix in {".md", ".csv", ".yaml"} and "/" not in name
+                name: location.read_text()
+                for name, location in files.items()
+                if location.name.rsplit(".", 1)[-1] in {"md", "csv", "yaml"} and "/" not in name
             },
         )
     return SweepOutcome(sweep_id, sweep_dir, status, rows, best_row(rows), files)
@@ -331,22 +388,3 @@ def _sweep_params(spec: SweepSpec) -> dict[str, Any]:
         "resources.cpus_per_worker": spec.resources.cpus_per_worker,
         "resources.gpus_per_worker": spec.resources.gpus_per_worker,
     }
-
-
-def load_sweep_spec(sweep_dir: Path) -> SweepSpec:
-    """The spec a sweep ran with; its storage is where the sweep was found, whatever the
-    current folder (the spec may hold a relative path)."""
-    spec = load_spec(sweep_dir / SPEC_FILE)
-    storage = spec.storage.model_copy(update={"path": str(sweep_dir.parent)})
-    return spec.model_copy(update={"storage": storage})
-
-
-def find_sweep_dir(sweep: str, storage_path: str = "simpo_runs") -> Path:
-    """A sweep named by its folder, or by its id under the default storage path."""
-    for candidate in (Path(sweep), Path(storage_path) / sweep):
-        if (candidate / SPEC_FILE).is_file():
-            return candidate.resolve()
-    raise SweepError(
-        f"no sweep at {sweep!r}: give the sweep's folder (it holds {SPEC_FILE}) "
-        f"or its id under {storage_path}/"
-    )

@@ -104,14 +104,25 @@ def _model_at(path: Sequence[str | int]) -> type[BaseModel] | None:
     return model
 
 
+def _without_union_tags(location: list[str]) -> list[str]:
+    """Drop the discriminator pydantic puts in a tagged union's location (`search.space.beta.
+    uniform.low` -> `search.space.beta.low`), and only there: a user's key may be `int`."""
+    kept = []
+    for index, part in enumerate(location):
+        after_union = index >= 1 and (
+            location[index - 1] == "scheduler" or (index >= 2 and location[index - 2] == "space")
+        )
+        if not (part in _DOMAIN_TAGS and after_union):
+            kept.append(part)
+    return kept
+
+
 def _problems_from_validation(
     error: ValidationError, lines: Mapping[tuple[str, ...], int], prefix: Sequence[str] = ()
 ) -> list[Problem]:
     problems = []
     for item in error.errors():
-        # Drop the tagged-union discriminator pydantic puts in locations ("uniform", ...).
-        location = [*prefix, *(str(part) for part in item["loc"])]
-        location = [part for part in location if part not in _DOMAIN_TAGS]
+        location = _without_union_tags([*prefix, *(str(part) for part in item["loc"])])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             model = _model_at(location[len(prefix) :])
@@ -226,7 +237,12 @@ def parse_spec(text: str, source: str = "<spec>", overrides: Iterable[str] = ())
     raw = apply_overrides(raw, overrides)
     problems: list[Problem] = []
     space = raw.get("search", {}).get("space") if isinstance(raw.get("search"), dict) else None
-    base = {section: raw.get(section) or {} for section in SEARCHABLE_SECTIONS}
+    # A section that is not a mapping (`training: 3.5`) is the model validation's problem to
+    # report; the space checks then see it as empty.
+    base = {
+        section: raw[section] if isinstance(raw.get(section), dict) else {}
+        for section in SEARCHABLE_SECTIONS
+    }
     problems += _space_problems(space, base, lines)
     for stage_index, stage in enumerate(
         raw.get("search", {}).get("stages", []) or [] if isinstance(raw.get("search"), dict) else []

@@ -20,6 +20,19 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSpec(StrictModel):
+    """LoRA adapters (peft.LoraConfig): the base model stays frozen in model.dtype."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: updates scale by alpha/r.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names (or suffixes) that get adapters; all-linear = every linear "
+        "layer but the LM head.",
+    )
+
+
 class ModelSpec(StrictModel):
     name: str = Field(
         "builtin:tiny-llama",
@@ -27,18 +40,39 @@ class ModelSpec(StrictModel):
     )
     tokenizer: str | None = Field(None, description="Tokenizer id or path; defaults to `name`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA."
+        "auto",
+        description=(
+            "The dtype weights are loaded and exported in (auto = float32 on CPU, bfloat16 on "
+            "CUDA). Trained weights are held as training.precision says: float32 master "
+            "weights under bf16-mixed and fp32, whatever this is."
+        ),
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train LoRA adapters through peft instead of every weight; None = full "
+        "fine-tuning. Its fields are searchable (model.lora.r).",
+    )
 
 
 class DataColumns(StrictModel):
-    prompt: str = "prompt"
+    """Column names of the preference data (the row shapes they may hold: docs/simpo.md)."""
+
+    prompt: str = Field(
+        "prompt",
+        description="The prompt (string or messages); optional when chosen/rejected are whole "
+        "dialogues.",
+    )
     chosen: str = "chosen"
     rejected: str = "rejected"
+    conversations: str = Field(
+        "conversations",
+        description="ShareGPT / LLaMA-Factory: the shared turns ({from, value} list), read when "
+        "the row has no prompt column.",
+    )
 
 
 class DataSpec(StrictModel):
@@ -90,11 +124,16 @@ class TrainingSpec(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
     eval_batch_size: int = Field(32, gt=0)
-    log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     seed: int = 0
-    mixed_precision: Literal["auto", "bf16", "no"] = Field(
-        "auto", description="auto = bf16 autocast on CUDA, none on CPU."
+    precision: Literal["auto", "bf16-mixed", "fp32", "bf16-true"] = Field(
+        "auto",
+        description=(
+            "bf16-mixed: float32 weights and optimizer state, bf16 compute (autocast, or FSDP's "
+            "MixedPrecisionPolicy); fp32: float32 throughout; bf16-true: bfloat16 weights "
+            "updated in place, which loses updates below 1/256 of a weight (most of them at "
+            "learning rates near 1e-6). auto = bf16-mixed on CUDA, fp32 elsewhere."
+        ),
     )
     compile_layers: bool = Field(
         False,
@@ -110,6 +149,17 @@ class TrainingSpec(StrictModel):
         1024, gt=0, description="Response tokens projected through the LM head at once."
     )
     group_by_length: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_mixed_precision(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mixed_precision" in data:
+            raise ValueError(
+                "training.mixed_precision was replaced by training.precision: "
+                "bf16 -> bf16-mixed (float32 master weights, bf16 compute), no -> fp32, "
+                "auto -> auto"
+            )
+        return data
 
 
 class SimPOSpec(StrictModel):
@@ -154,22 +204,95 @@ class SimPOSpec(StrictModel):
 
 
 class DiagnosticsSpec(StrictModel):
-    """Thresholds of shared/SIMPO.md that turn metrics into a verdict."""
+    """Thresholds of docs/simpo.md that turn metrics into a verdict."""
 
     stop_degenerate: bool = Field(True, description="Stop a trial as soon as it turns degenerate.")
     low_margin: float = Field(0.5, description="Reward margin below this late in training.")
     high_margin: float = Field(5.0, description="Reward margin above this: over-fitting.")
-    collapse_logp: float = Field(-10.0, description="Both mean log-probs below this: collapse.")
-    collapse_after_fraction: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="Collapse is judged past this fraction of max_steps: a randomly initialised "
-        "model starts near -log(vocab size), which for a large vocabulary is already below -10.",
+    collapse_drop: float = Field(
+        5.0,
+        gt=0,
+        description="Collapse: both mean log-probs this many nats per token below their values "
+        "at the trial's first step. Relative, because where a model starts depends on it: a "
+        "random init sits near -log(vocab size), -10.4 for a 32k vocabulary.",
     )
     late_fraction: float = Field(
         0.5, gt=0, le=1, description="'Late in training' = past this fraction of max_steps."
     )
+
+
+# Names under eval/generation/ that a generation evaluation reports (engine/generation.py
+# defines them); the scored ones need a scorer.
+GENERATION_METRIC_PREFIX = "eval/generation/"
+GENERATION_LENGTH_METRICS = ("length_tokens", "length_ratio", "repetition", "truncated")
+GENERATION_SCORED_METRICS = ("score", "win_rate", "lc_win_rate")
+GENERATION_METRICS = GENERATION_LENGTH_METRICS + GENERATION_SCORED_METRICS
+RULE_SCORER = "builtin:rule"
+NO_SCORER = "none"
+
+
+class EvaluationSpec(StrictModel):
+    """Generation evaluation (engine/generation.py): every `every` optimizer steps and at the
+    end, each trial generates for the same seeded held-out prompts and scores what it wrote."""
+
+    enabled: bool = False
+    every: int | None = Field(
+        None,
+        gt=0,
+        description="Optimizer steps between generation evaluations; default training."
+        "eval_every. training.max_steps or more: at the end only.",
+    )
+    num_prompts: int = Field(
+        64, gt=0, description="Distinct held-out prompts, drawn from the eval split with `seed`."
+    )
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0, description="Prompts generated at once, per worker.")
+    temperature: float | None = Field(
+        None, gt=0, description="Sample at this temperature; not given: greedy decoding."
+    )
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling; needs temperature.")
+    seed: int = Field(0, description="Draws the prompts and seeds sampling.")
+    scorer: str = Field(
+        NO_SCORER,
+        description=f"{RULE_SCORER} (the demo task's verifier), a reward model (Hugging Face "
+        f"sequence-classification hub id or local path), or {NO_SCORER} (length and "
+        "repetition only).",
+    )
+    scorer_revision: str | None = None
+    scorer_batch_size: int = Field(8, gt=0)
+    scorer_max_length: int = Field(2048, gt=1, description="Reward model input tokens.")
+    max_repetition: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Degenerate: mean repetition (1 - distinct/total 4-grams) above this.",
+    )
+    min_length_tokens: float = Field(
+        2.0, ge=0, description="Degenerate: mean generated length below this many tokens."
+    )
+    max_truncated_share: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Degenerate: more than this share of generations ran to max_new_tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _top_p_samples(self) -> EvaluationSpec:
+        if self.top_p is not None and self.temperature is None:
+            raise ValueError("top_p applies to sampling: give a temperature too (1.0 to keep it)")
+        return self
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature is not None
+
+    @property
+    def scored(self) -> bool:
+        return self.scorer != NO_SCORER
+
+    def every_steps(self, training: TrainingSpec) -> int:
+        return self.every if self.every is not None else training.eval_every
 
 
 # ---- search space ---------------------------------------------------------------------------
@@ -290,9 +413,23 @@ class SearchSpec(StrictModel):
 
 
 class ResourcesSpec(StrictModel):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial (DDP when > 1).")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial.")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="Fractions pack small trials on a GPU.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description=(
+            "How several workers share a trial: ddp (a whole replica per worker) or fsdp "
+            "(FSDP2: parameters, gradients and optimizer state sharded across workers). auto = "
+            "fsdp when the memory plan says a replica does not fit one worker's GPU, else ddp."
+        ),
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one GPU (80 for an H100/A100-80G). Known, the memory plan "
+        "refuses a spec that cannot fit it; a fractional gpus_per_worker gets its share.",
+    )
     trial_driver_cpus: float = Field(
         0.1, ge=0, description="CPU of the Tune trial that drives the Train run; keep it small."
     )
@@ -321,7 +458,7 @@ class ResourcesSpec(StrictModel):
         if fractional and self.num_workers > 1:
             raise ValueError(
                 "fractional gpus_per_worker works for single-worker trials only "
-                "(DDP workers sharing a GPU fail in NCCL)"
+                "(DDP or FSDP workers sharing a GPU fail in NCCL)"
             )
         if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
             raise ValueError("gpus_per_worker above 1 must be a whole number")
@@ -354,6 +491,7 @@ class SweepSpec(StrictModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     simpo: SimPOSpec = Field(default_factory=SimPOSpec)
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -374,6 +512,35 @@ class SweepSpec(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _generation_metric_is_evaluated(self) -> SweepSpec:
+        metric = self.search.metric
+        if not metric.startswith(GENERATION_METRIC_PREFIX):
+            return self
+        name = metric.removeprefix(GENERATION_METRIC_PREFIX)
+        evaluation = self.evaluation
+        if name not in GENERATION_METRICS:
+            known = ", ".join(GENERATION_METRIC_PREFIX + known for known in GENERATION_METRICS)
+            raise ValueError(f"search.metric {metric!r} is no generation metric; known: {known}")
+        if not evaluation.enabled:
+            raise ValueError(f"search.metric {metric!r} needs evaluation.enabled: true")
+        if name in GENERATION_SCORED_METRICS and not evaluation.scored:
+            raise ValueError(
+                f"search.metric {metric!r} needs a scorer (evaluation.scorer: {RULE_SCORER} "
+                "or a reward model); with scorer none only length and repetition are measured"
+            )
+        scheduler = self.search.scheduler
+        every = evaluation.every_steps(self.training)
+        if isinstance(scheduler, ASHASpec) and every > scheduler.grace_period:
+            # ASHA compares trials at its rungs: a trial reaching the first one before its
+            # first generation evaluation would be judged on a missing metric.
+            raise ValueError(
+                f"evaluation runs every {every} steps, after ASHA's grace period "
+                f"({scheduler.grace_period}): with search.metric {metric!r}, set "
+                "evaluation.every to at most the grace period"
+            )
+        return self
+
 
 class TrialConfig(StrictModel):
     """Everything one trial trains with: the spec's fixed sections, sampled values applied."""
@@ -383,3 +550,4 @@ class TrialConfig(StrictModel):
     training: TrainingSpec
     simpo: SimPOSpec
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

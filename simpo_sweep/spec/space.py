@@ -7,6 +7,7 @@ Translation into Ray Tune domains lives in the service layer: the spec stays fre
 
 from __future__ import annotations
 
+import decimal
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,13 @@ BARE_NAME_SECTIONS = ("training", "simpo")
 
 # Knobs that only mean something for some loss types: not searched where they have no effect.
 ONLY_FOR_LOSS_TYPE = {"simpo.label_smoothing": "sigmoid"}
+# What the flat params show for such a knob where it has no effect: a number there (the 0.0 the
+# trial trains with) would read as a setting and plot as one in parallel coordinates.
+NOT_APPLICABLE = "n/a"
+
+# Sampled floats are rounded to this many significant digits when they are drawn, so that the
+# value a trial trains with is the one MLflow, the tables and best_config.yaml show.
+SIGNIFICANT_DIGITS = 4
 
 # Fields that are input conveniences, not knobs: validation turns them into another field, so a
 # value sampled for them would reach no trial. Each says what to search instead.
@@ -170,7 +178,8 @@ def drop_ineffective(sampled: Mapping[str, Any], spec: SweepSpec) -> dict[str, A
 def trial_config(spec: SweepSpec, sampled: Mapping[str, Any]) -> TrialConfig:
     """The spec's fixed sections with a trial's sampled values (keyed by full path) applied."""
     sections = {
-        name: getattr(spec, name).model_dump() for name in (*SEARCHABLE_SECTIONS, "diagnostics")
+        name: getattr(spec, name).model_dump()
+        for name in (*SEARCHABLE_SECTIONS, "diagnostics", "evaluation")
     }
     for path, value in drop_ineffective(sampled, spec).items():
         section, _, name = path.partition(".")
@@ -189,7 +198,8 @@ def spec_with_trial(spec: SweepSpec, sampled: Mapping[str, Any]) -> SweepSpec:
 
 
 def flat_params(config: TrialConfig) -> dict[str, Any]:
-    """A trial's full resolved configuration under flat readable names."""
+    """A trial's full resolved configuration under flat readable names; a knob that has no
+    effect under the trial's loss_type shows as `n/a` (the config itself keeps its 0.0)."""
     params: dict[str, Any] = {}
     for section in SEARCHABLE_SECTIONS:
         for name, value in getattr(config, section).model_dump().items():
@@ -198,7 +208,39 @@ def flat_params(config: TrialConfig) -> dict[str, Any]:
                     params[f"{section}.{name}.{sub}"] = sub_value
             elif value is not None or section in BARE_NAME_SECTIONS:
                 params[param_name(f"{section}.{name}")] = value
+    for path, loss_type in ONLY_FOR_LOSS_TYPE.items():
+        if config.simpo.loss_type != loss_type:
+            params[param_name(path)] = NOT_APPLICABLE
     return params
+
+
+def rounded_sample(value: float, domain: UniformDomain | LogUniformDomain) -> float:
+    """A float drawn from a domain as the trial gets it: 4 significant digits, or for a
+    quantised domain the digits its grid is written with (which keeps it on the grid), and
+    never outside the domain's bounds."""
+    if domain.q:
+        # The grid is low + k*q (Optuna) or k*q (Tune, whose bounds are multiples of q):
+        # the decimals of q and low are those of every point on it.
+        rounded = round(value, max(_decimal_places(domain.q), _decimal_places(domain.low)))
+    else:
+        rounded = _to_significant(value, decimal.ROUND_HALF_EVEN)
+        # A bound with more digits (high: 0.123456) can be stepped over: round inwards then.
+        if rounded > domain.high:
+            rounded = _to_significant(value, decimal.ROUND_FLOOR)
+        elif rounded < domain.low:
+            rounded = _to_significant(value, decimal.ROUND_CEILING)
+    return min(max(rounded, domain.low), domain.high)
+
+
+def _to_significant(value: float, rounding: str) -> float:
+    context = decimal.Context(prec=SIGNIFICANT_DIGITS, rounding=rounding)
+    return float(context.plus(decimal.Decimal(value)))
+
+
+def _decimal_places(number: float) -> int:
+    """Digits after the point of a number as written: 0.05 -> 2, 5.0 -> 0, 2.5e-07 -> 8."""
+    exponent = decimal.Decimal(repr(number)).normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 def describe_domain(domain: Any) -> str:

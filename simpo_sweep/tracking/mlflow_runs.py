@@ -1,18 +1,23 @@
 """MLflow layout of a sweep: one parent run per sweep, one nested child run per trial.
 
 Runs are found again by tags (sweep id, trial id), never created twice: a retried or resumed
-trial continues its own child run, and steps it already logged are not logged again.
+trial continues its own child run, and steps it already logged are not logged again. A child
+run is named after what it tried (`03 lr=1.2e-3 beta=1.86 sigmoid`); the parent run carries
+the sweep's outcome (best value, best trial, trials per state) so sweeps rank in the
+experiment view.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -22,9 +27,52 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
+from simpo_sweep.spec.space import NOT_APPLICABLE
 from simpo_sweep.tracking.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
+
+# What MLflow's client reads to authenticate to a server (basic auth, or a bearer token).
+CREDENTIAL_VARIABLES = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used: unreachable, or it refused the credentials."""
+
+
+def tracking_credentials(environ: Mapping[str, str]) -> dict[str, str]:
+    """The MLflow credentials set in `environ`, to hand to trial processes on other nodes."""
+    return {key: environ[key] for key in CREDENTIAL_VARIABLES if environ.get(key)}
+
+
+def check_tracking_server(tracking_uri: str) -> None:
+    """One cheap call to a tracking server before anything starts: a wrong password or an
+    unreachable server is said in one line, not as a trial's traceback minutes later."""
+    if urlparse(tracking_uri).scheme not in {"http", "https"}:
+        return
+    from mlflow.exceptions import MlflowException
+
+    shown = redact_text(tracking_uri)
+    try:
+        _client(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        text = str(error)
+        if any(code in text for code in ("401", "403", "Unauthorized", "Permission")):
+            given = (
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+                if "MLFLOW_TRACKING_USERNAME" in os.environ
+                else "no credentials (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+            )
+            raise TrackingError(
+                f"the MLflow server at {shown} refused the credentials: {given}"
+            ) from None
+        raise TrackingError(
+            f"cannot use the MLflow server at {shown}: {redact_text(text.splitlines()[0])}"
+        ) from None
 
 TAG_SWEEP = "simpo_sweep.sweep"
 TAG_SWEEP_ID = "simpo_sweep.sweep_id"
@@ -34,22 +82,58 @@ TAG_DIAGNOSIS = "simpo_sweep.diagnosis"
 TAG_VERDICT = "simpo_sweep.verdict"
 TAG_STATUS = "simpo_sweep.status"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_BEST_TRIAL_ID = "simpo_sweep.best_trial_id"
 
-# Final state of a trial -> MLflow run status.
+# Final state of a trial -> MLflow run status. A trial the scheduler stopped early ended
+# normally (that is how ASHA works: its state tag says stopped_early); KILLED is for runs cut
+# short, by an interruption or by their own diagnosis; FAILED for crashes.
 TRIAL_STATES = {
     "completed": "FINISHED",
-    "stopped_early": "KILLED",
+    "stopped_early": "FINISHED",
     "degenerate": "KILLED",
     "failed": "FAILED",
     "unfinished": "KILLED",  # interrupted; `resume` sets it running again
 }
 # The metric whose history says which steps a run already holds.
 PROGRESS_METRIC = "train/loss"
+# Where the parent run's summary goes: `best/<metric>`, `best.<knob>` tags, `trials/<state>`.
+BEST_METRIC_PREFIX = "best/"
+BEST_KNOB_TAG_PREFIX = "best."
+TRIAL_COUNT_PREFIX = "trials/"
+
+# Searched knobs as run names show them; any other knob goes by its field name.
+RUN_NAME_KNOBS = {
+    "learning_rate": "lr",
+    "beta": "beta",
+    "gamma_beta_ratio": "gbr",
+    "label_smoothing": "ls",
+    "sft_weight": "sft",
+}
+# Its value alone says which it is (`sigmoid`, `hinge`): it ends the name.
+RUN_NAME_BARE_KNOBS = ("loss_type",)
+MAX_RUN_NAME_LENGTH = 250
 
 
 def default_tracking_uri(storage_path: str | Path) -> str:
-    """The embedded store: a SQLite file beside the sweep's checkpoints (absolute, for workers)."""
+    """The embedded store: a SQLite file beside the sweep's checkpoints. Absolute
+    (`sqlite:////abs/mlflow.db`), so workers in other folders open the same file. The path
+    is not percent-quoted: MLflow creates the database's folder from the URI's text as it is
+    (a quoted `a%20b` folder), while SQLAlchemy would open the unquoted `a b`."""
     return f"sqlite:///{Path(storage_path).expanduser().resolve() / 'mlflow.db'}"
+
+
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:` tracking URI, made absolute; None for other stores and
+    in-memory databases. As SQLAlchemy reads it: `sqlite:///relative/path.db` is relative to
+    the current folder, `sqlite:////abs/path.db` absolute, the path percent-unquoted."""
+    scheme = urlparse(tracking_uri).scheme
+    _, separator, rest = tracking_uri.partition(":///")
+    if scheme.split("+")[0] != "sqlite" or not separator:
+        return None
+    database = unquote(rest.split("?", 1)[0])
+    if database in {"", ":memory:"}:
+        return None
+    return Path(database).expanduser().resolve()
 
 
 def is_local_store(tracking_uri: str) -> bool:
@@ -63,24 +147,26 @@ def _client(tracking_uri: str) -> MlflowClient:
 
 
 def artifact_root(tracking_uri: str) -> str | None:
-    """Artifacts of an embedded SQLite store live beside it, not in whatever folder the
-    process happens to run in (MLflow's default); a server decides for itself."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme != "sqlite":
+    """Artifacts of an embedded SQLite store live beside it (`<folder of mlflow.db>/mlartifacts`),
+    not in whatever folder the process happens to run in (MLflow's default); a server decides
+    for itself. A `file:///abs` URI: MLflow stores it as the experiment's artifact location."""
+    database = sqlite_database(tracking_uri)
+    if database is None:
         return None
-    return (Path(parsed.path).parent / "mlartifacts").as_uri()
+    return (database.parent / "mlartifacts").as_uri()
 
 
-def ensure_experiment(client: MlflowClient, name: str) -> str:
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created if need be with its artifacts at `artifact_location` (by
+    default: artifact_root of the store). An existing experiment keeps the location it has."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return str(experiment.experiment_id)
+    location = artifact_location or artifact_root(client.tracking_uri)
     try:
-        return str(
-            client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
-        )
+        return str(client.create_experiment(name, artifact_location=location))
     except Exception:  # created concurrently by another process
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -90,6 +176,43 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 def _param_value(value: Any) -> str:
     return str(value)[:MAX_PARAM_VAL_LENGTH]
+
+
+def _state_name(state: Any) -> str:
+    """A trial state as MLflow spells it, given a plain string or a string enum member."""
+    return str(getattr(state, "value", state))
+
+
+def trial_index(trial_id: str) -> int | None:
+    """The 1-based number of a Tune trial within its search, from the 0-based counter its id
+    ends with (`a8692_00011` -> 12); None for an id without one."""
+    _, separator, counter = trial_id.rpartition("_")
+    return int(counter) + 1 if separator and counter.isdigit() else None
+
+
+def trial_run_name(index: int | None, sampled: Mapping[str, Any]) -> str:
+    """A child run's name that says what the trial tried: `03 lr=1.2e-3 beta=1.86 gbr=0.05
+    sigmoid`. `sampled`: the searched knobs by config path (or field name); unsampled (None)
+    ones are left out."""
+    by_name = {path.rsplit(".", 1)[-1]: value for path, value in sampled.items()}
+    known = [name for name in RUN_NAME_KNOBS if name in by_name]
+    others = [name for name in by_name if name not in RUN_NAME_KNOBS]
+    parts = [] if index is None else [f"{index:02d}"]
+    for name in [*known, *(name for name in others if name not in RUN_NAME_BARE_KNOBS)]:
+        if by_name[name] is not None:
+            parts.append(f"{RUN_NAME_KNOBS.get(name, name)}={_short_number(by_name[name])}")
+    parts += [str(by_name[name]) for name in RUN_NAME_BARE_KNOBS if by_name.get(name) is not None]
+    return " ".join(parts)[:MAX_RUN_NAME_LENGTH]
+
+
+def _short_number(value: Any) -> str:
+    """2-3 significant digits, small and large floats as `1.2e-3`; anything else as it is."""
+    if not isinstance(value, float):
+        return str(value)
+    if value != 0 and not 1e-2 <= abs(value) < 1e4:
+        mantissa, _, exponent = f"{value:.2e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.3g}"
 
 
 def _find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> str | None:
@@ -115,13 +238,44 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) ->
         client.log_batch(run_id, params=fresh[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
 
+def _log_changes(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]
+) -> None:
+    """Metrics (at step 0) and tags whose current value differs from the given one: logging the
+    same again adds nothing, a new value becomes the metric's latest."""
+    data = client.get_run(run_id).data
+    timestamp = int(time.time() * 1000)
+    fresh_metrics = [
+        Metric(key, value, timestamp, 0)
+        for key, value in metrics.items()
+        if key not in data.metrics or not _same_number(data.metrics[key], value)
+    ]
+    fresh_tags = [RunTag(key, value) for key, value in tags.items() if data.tags.get(key) != value]
+    for start in range(0, len(fresh_metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=fresh_metrics[start : start + MAX_METRICS_PER_BATCH])
+    for start in range(0, len(fresh_tags), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=fresh_tags[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def _same_number(logged: float, value: float) -> bool:
+    return logged == value or (math.isnan(logged) and math.isnan(value))
+
+
 class SweepTracking:
     """Driver side: the sweep's parent run, and get-or-create of its trials' child runs."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, sweep_id: str):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep_name: str,
+        sweep_id: str,
+        *,
+        artifact_location: str | None = None,  # for a new experiment; see ensure_experiment
+    ):
         self.tracking_uri = tracking_uri
         self.client = _client(tracking_uri)
-        self.experiment_id = ensure_experiment(self.client, experiment)
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_location)
         self.sweep_name = sweep_name
         self.sweep_id = sweep_id
         self.parent_run_id = self._parent_run()
@@ -147,12 +301,16 @@ class SweepTracking:
         self.client.update_run(self.parent_run_id, status="RUNNING")  # again, on resume
         self.client.set_tag(self.parent_run_id, TAG_STATUS, "running")
 
-    def child_run(self, trial_id: str, params: Mapping[str, Any]) -> str:
+    def child_run(
+        self, trial_id: str, params: Mapping[str, Any], run_name: str | None = None
+    ) -> str:
+        """The trial's run, created or reopened (RUNNING again); named `run_name` (see
+        trial_run_name), else by the trial id, which is always its TAG_TRIAL_ID tag."""
         run_id = self.run_id_for(trial_id)
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=trial_id,
+                run_name=run_name or trial_id,
                 tags={
                     TAG_PARENT: self.parent_run_id,
                     TAG_SWEEP: self.sweep_name,
@@ -163,7 +321,7 @@ class SweepTracking:
             )
             run_id = str(run.info.run_id)
         else:
-            self.client.update_run(run_id, status="RUNNING")
+            self.client.update_run(run_id, status="RUNNING", name=run_name)
             self.client.set_tag(run_id, TAG_STATE, "running")
         _log_params(self.client, run_id, params)
         return run_id
@@ -186,6 +344,39 @@ class SweepTracking:
         """Label a trial's run; idempotent (the worker may already have done it)."""
         finish_run(self.client, run_id, state, diagnosis)
 
+    def log_sweep_summary(
+        self,
+        metric_name: str,
+        best_value: float | None,
+        best_trial_id: str | None,
+        best_params: Mapping[str, Any],
+        counts: Mapping[Any, int],
+    ) -> None:
+        """The sweep's outcome on its parent run, so sweeps rank against each other in the
+        experiment view: the best value as a metric under the metric's own name and under
+        `best/<metric>`, the best trial's id and knobs as tags (`best.<knob>`), and the trials
+        per final state as metrics `trials/<state>` (every state, 0 included).
+
+        Tags for the knobs, not params: params cannot change once logged, and a resumed sweep
+        may find another best. Not metrics either: a knob the new best does not use
+        (label_smoothing under hinge) could not take its metric away, and would show the old
+        best's value. Idempotent: what already holds the given value is not logged again.
+        """
+        by_state = {_state_name(state): count for state, count in counts.items()}
+        states = [*TRIAL_STATES, *(state for state in by_state if state not in TRIAL_STATES)]
+        metrics = {
+            f"{TRIAL_COUNT_PREFIX}{state}": float(by_state.get(state, 0)) for state in states
+        }
+        tags: dict[str, str] = {}
+        if best_value is not None and best_trial_id is not None:
+            metrics[metric_name] = float(best_value)
+            metrics[f"{BEST_METRIC_PREFIX}{metric_name}"] = float(best_value)
+            tags[TAG_BEST_TRIAL_ID] = best_trial_id
+            for knob, value in redact(dict(best_params)).items():
+                shown = NOT_APPLICABLE if value is None else value
+                tags[f"{BEST_KNOB_TAG_PREFIX}{knob}"] = _param_value(shown)
+        _log_changes(self.client, self.parent_run_id, metrics, tags)
+
     def finish(self, status: str, artifacts: Mapping[str, str]) -> None:
         for name, text in artifacts.items():
             self.client.log_text(self.parent_run_id, redact_text(text), name)
@@ -195,6 +386,7 @@ class SweepTracking:
 
 
 def finish_run(client: MlflowClient, run_id: str, state: str, diagnosis: str) -> None:
+    state = _state_name(state)
     client.log_batch(
         run_id,
         tags=[RunTag(TAG_STATE, state), RunTag(TAG_DIAGNOSIS, redact_text(diagnosis)[:5000])],

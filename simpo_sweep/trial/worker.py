@@ -8,6 +8,7 @@ inside the Tune trial itself and reports through Tune.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -22,13 +23,11 @@ import torch
 from simpo_sweep.engine.data import load_prepared
 from simpo_sweep.engine.models import load_model, load_tokenizer
 from simpo_sweep.engine.train import SimPOTrainer, StepEvent
-from simpo_sweep.spec.models import TrialConfig
 from simpo_sweep.tracking.mlflow_runs import MetricLogger
+from simpo_sweep.trial.outcome import DIAGNOSIS, STEP, VERDICT
+from simpo_sweep.trial.plan import WorkerPlan
 
-# Keys of what a trial reports to Tune, besides the metrics.
-STEP = "step"
-VERDICT = "verdict"
-DIAGNOSIS = "diagnosis"
+# Orchestration overhead, as bench/orchestration.py reads it.
 STARTUP = "perf/trial_start_to_first_step_s"
 FIT_TIME = "perf/fit_time_s"
 
@@ -36,19 +35,19 @@ FIT_TIME = "perf/fit_time_s"
 class _RayReporting:
     """ray.train.* on Train workers, ray.tune.* when the loop runs inside the Tune trial."""
 
-    def __init__(self, local_mode: bool):
-        self.local_mode = local_mode
-        if local_mode:
+    def __init__(self, loop_in_trial: bool):
+        self.loop_in_trial = loop_in_trial
+        if loop_in_trial:
             self.rank, self.world_size = 0, 1
         else:
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
 
     def latest_checkpoint(self) -> Any:
-        return ray.tune.get_checkpoint() if self.local_mode else ray.train.get_checkpoint()
+        return ray.tune.get_checkpoint() if self.loop_in_trial else ray.train.get_checkpoint()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        if self.local_mode:
+        if self.loop_in_trial:
             checkpoint = (
                 ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             )
@@ -61,13 +60,13 @@ class _RayReporting:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    config = TrialConfig.model_validate(loop_config["trial"])
-    ray_io = _RayReporting(local_mode=loop_config["local_mode"])
+    plan: WorkerPlan = loop_config["plan"]
+    os.environ.update(plan.tracking_env)  # MLflow's client reads its credentials there
+    config = plan.config
+    ray_io = _RayReporting(loop_in_trial=plan.loop_in_trial)
     device = _device()
-    data_ref = loop_config.get("data_ref")
-    prepared = (
-        ray.get(data_ref) if data_ref is not None else load_prepared(loop_config["data_path"])
-    )
+    data = plan.data
+    prepared = ray.get(data.object_ref) if data.object_ref is not None else load_prepared(data.path)
     tokenizer = load_tokenizer(config.model)
     torch.manual_seed(config.training.seed)
     model = load_model(config.model, tokenizer, device, seed=config.training.seed)
@@ -84,11 +83,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         checkpoint_root=checkpoint_root,
     )
     logger = None
-    if ray_io.rank == 0 and loop_config.get("run_id"):
-        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-        logger.client.set_tag(
-            loop_config["run_id"], "simpo_sweep.padding_free", str(trainer.packed).lower()
-        )
+    if ray_io.rank == 0 and plan.run_id is not None and plan.tracking_uri is not None:
+        logger = MetricLogger(plan.tracking_uri, plan.run_id)
+        logger.client.set_tag(plan.run_id, "simpo_sweep.padding_free", str(trainer.packed).lower())
 
     checkpoint = ray_io.latest_checkpoint()
     last_eval: dict[str, float] = {}
@@ -99,7 +96,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def on_step(event: StepEvent) -> str | None:
         now = time.time()
         if not timing:
-            timing[STARTUP] = now - float(loop_config["trial_started_at"])
+            timing[STARTUP] = now - plan.trial_started_at
             if logger is not None:
                 logger.log(event.step, {STARTUP: timing[STARTUP]})
         timing[FIT_TIME] = now - fit_started_at
@@ -124,7 +121,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             }
             # Tune requires the searched metric in every report; a trial stopped as degenerate
             # before its first evaluation has none, and NaN ranks it last.
-            report.setdefault(loop_config["metric"], float("nan"))
+            report.setdefault(plan.metric, float("nan"))
             if logger is not None and event.checkpoint_dir is not None:
                 # Every step up to a checkpoint is in MLflow before the checkpoint exists: a
                 # retry resumes from it and must find no gap behind it.
@@ -134,7 +131,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 shutil.rmtree(event.checkpoint_dir, ignore_errors=True)
         return None
 
-    state, diagnosis = "failed", "worker raised"
     try:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
@@ -142,16 +138,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             print(f"resumed from the checkpoint of step {trainer.step}", flush=True)
             if logger is not None:
                 logger.client.set_tag(
-                    loop_config["run_id"], "simpo_sweep.resumed_from_step", str(trainer.step)
+                    logger.run_id, "simpo_sweep.resumed_from_step", str(trainer.step)
                 )
         fit_started_at = time.time()
-        result = trainer.fit(callback=on_step)
-        state = "degenerate" if result.stopped_reason else "completed"
-        diagnosis = result.stopped_reason or result.diagnosis.summary()
+        trainer.fit(callback=on_step)
     finally:
         if logger is not None:
-            # A failed attempt leaves the run open: the retry continues it, or the driver labels it.
-            logger.close(state if state != "failed" else None, diagnosis)
+            # The run stays open: the driver decides the trial's state from what was reported
+            # (trial.outcome) and labels it; a retry continues it.
+            logger.close()
         shutil.rmtree(checkpoint_root, ignore_errors=True)
 
 

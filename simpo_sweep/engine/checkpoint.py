@@ -1,0 +1,172 @@
+"""Trainer checkpoints with torch.distributed.checkpoint (DCP), one format for every strategy.
+
+A checkpoint is a folder:
+
+    .metadata, __<rank>_<n>.distcp   DCP: {"model": ..., "optimizer": ...}, every rank its part
+    trainer_state.pt                 rank 0: step, data position, scheduler, RNG (small)
+    checkpoint_complete.json         rank 0, written last: what the folder holds
+
+Under FSDP each rank writes its own shard of the weights and optimizer state (nobody gathers
+a whole model); under DDP, or in one process, the tensors are whole on every rank and DCP's
+planner writes each once, spread across the ranks. The files never collide by name, so the
+ranks' folders can be merged into one (Ray Train uploads every worker's folder into the same
+checkpoint) or written into one shared folder.
+
+Weights are keyed by the plain model's parameter names (`get_state_dict` strips the FSDP and
+DDP wrappers), so `load_full_model_state` turns any checkpoint into the state dict of an
+unsharded model, in one process, with no process group. Under LoRA the folder holds only the
+trainable (adapter) weights and their optimizer state: the frozen base is the model's own.
+
+A folder without the marker, or whose marker names files that are missing, is not a
+checkpoint: a crash mid-write, or a merge that lost a rank's shard, is never mistaken for one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+COMPLETE_MARKER = "checkpoint_complete.json"
+FORMAT_VERSION = 1
+_DCP_METADATA = ".metadata"
+
+# Frozen parameters (the base model under LoRA) are not saved: they are the model's own and
+# would make every checkpoint as large as the model.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+class IncompleteCheckpointError(ValueError):
+    """The folder is not a whole checkpoint (no completion marker, or shards missing)."""
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Every rank calls this (the DCP save is a collective); rank 0 writes the marker last.
+
+    `model` is the plain model (its submodules may be fully_shard-ed); `info` goes into the
+    marker (strategy, world size, LoRA settings: what an exporter needs to know).
+    """
+    rank, world_size = _world()
+    if rank == 0 and directory.exists():
+        # A folder left by an attempt that died mid-write: never mix its files with ours.
+        shutil.rmtree(directory)
+    _barrier()
+    directory.mkdir(parents=True, exist_ok=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    dcp.save(
+        {"model": model_state, "optimizer": optimizer_state},
+        checkpoint_id=directory,
+        no_dist=world_size == 1,
+    )
+    if rank == 0:
+        torch.save(trainer_state, directory / TRAINER_STATE_FILE)
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "world_size": world_size,
+            "step": trainer_state.get("step"),
+            **(info or {}),
+        }
+        # Written last, and atomically (rename): its presence means everything else is there.
+        temporary = directory / (COMPLETE_MARKER + ".tmp")
+        temporary.write_text(json.dumps(marker, indent=1, sort_keys=True))
+        temporary.rename(directory / COMPLETE_MARKER)
+    _barrier()
+    return directory
+
+
+def checkpoint_info(directory: Path) -> dict[str, Any]:
+    """The marker's contents; IncompleteCheckpointError unless the checkpoint is whole."""
+    marker = directory / COMPLETE_MARKER
+    if not marker.is_file():
+        raise IncompleteCheckpointError(
+            f"{directory} has no {COMPLETE_MARKER}: an unfinished or foreign checkpoint"
+        )
+    missing = [name for name in _dcp_files(directory) if not (directory / name).is_file()]
+    if not (directory / TRAINER_STATE_FILE).is_file():
+        missing.append(TRAINER_STATE_FILE)
+    if missing:
+        raise IncompleteCheckpointError(f"{directory} lacks {', '.join(sorted(missing))}")
+    info: dict[str, Any] = json.loads(marker.read_text())
+    return info
+
+
+def _dcp_files(directory: Path) -> set[str]:
+    """Every file the DCP metadata says holds a part of the checkpoint, and the metadata."""
+    if not (directory / _DCP_METADATA).is_file():
+        return {_DCP_METADATA}
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    storage = metadata.storage_data or {}
+    return {_DCP_METADATA, *(str(item.relative_path) for item in storage.values())}
+
+
+def load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Weights and optimizer state into `model` and `optimizer` (sharded as they are now, on
+    the same number of ranks for FSDP); returns the trainer state. Every rank calls it."""
+    checkpoint_info(directory)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    # In place: DCP reads each rank's shard into the tensors (DTensors) given here.
+    dcp.load(
+        {"model": model_state, "optimizer": optimizer_state},
+        checkpoint_id=directory,
+        no_dist=_world()[1] == 1,
+    )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
+        options=_OPTIONS,
+    )
+    # RNG states must stay CPU byte tensors: load on the CPU.
+    trainer_state: dict[str, Any] = torch.load(
+        directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False
+    )
+    return trainer_state
+
+
+def load_full_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The trained weights of any checkpoint, whole, keyed like the plain model's state dict.
+
+    One process, no process group (DCP reads without one), whatever strategy and number of
+    workers wrote it. Under LoRA these are the adapter weights only (peft's names,
+    `...lora_A.default.weight`); `checkpoint_info(dir)["lora"]` says how they were made.
+    """
+    directory = Path(checkpoint_dir)
+    checkpoint_info(directory)
+    loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(directory))
+    model_state: dict[str, Any] = loaded["model"]
+    return {
+        name: tensor for name, tensor in model_state.items() if isinstance(tensor, torch.Tensor)
+    }
