@@ -11,7 +11,7 @@ from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.results import format_table
 from simpo_sweep.service.storage import find_sweep_dir, load_sweep_spec, tracking_uri
 from simpo_sweep.service.sweep import SweepOutcome, alive_nodes, cluster_resources, connect
-from simpo_sweep.spec.loading import SpecError, check_resources, load_spec
+from simpo_sweep.spec.loading import Problem, SpecError, check_resources, load_spec
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import count_trials, describe_space, searched_keys
 from simpo_sweep.tracking.mlflow_runs import is_local_store
@@ -68,8 +68,23 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
         f"x {spec.resources.cpus_per_worker:g} CPU"
         + (f", {spec.resources.gpus_per_worker:g} GPU" if spec.resources.gpus_per_worker else ""),
         *notes,
+        *data_lines(spec),
     ]
     return "\n".join(lines)
+
+
+def data_lines(spec: SweepSpec) -> list[str]:
+    """The data checked as `run` would read it (a sample of local files; hub sources only
+    when reachable), its summary printed; problems refused like the spec's, all at once."""
+    from simpo_sweep.engine.data import DataError, DataProblems, inspect_data
+
+    try:
+        inspection = inspect_data(spec.model, spec.data)
+    except DataProblems as error:
+        raise SpecError("data", [Problem("data", problem) for problem in error.problems]) from None
+    except DataError as error:
+        raise SpecError("data", [Problem("data", str(error))]) from None
+    return inspection.lines()
 
 
 def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
@@ -82,7 +97,11 @@ def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
         )
         return
     if outcome.best is None:
-        print(f"sweep {outcome.sweep_id} finished with no usable trial.")
+        print(
+            f"sweep {outcome.sweep_id} found no usable trial: every trial failed or was "
+            "degenerate (see the diagnosis column); exit code 1",
+            file=sys.stderr,
+        )
         return
     best = outcome.best
     knobs = ", ".join(f"{name}={value}" for name, value in best.params.items())

@@ -9,6 +9,7 @@ Layout of a sweep on storage (`storage.path/<sweep id>/`):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import ray
 import yaml
+from mlflow.entities import Metric
 from ray import tune
 
 from simpo_sweep.engine.data import PreparedData, prepare_data
@@ -54,6 +56,7 @@ from simpo_sweep.spec.space import (
     stage_specs,
 )
 from simpo_sweep.tracking.mlflow_runs import (
+    DatasetRecord,
     SweepTracking,
     check_tracking_server,
     is_local_store,
@@ -245,6 +248,11 @@ def run_sweep(
     uri = tracking_uri(spec)
     if uri is not None:
         check_tracking_server(uri)  # before Ray starts: a refused password is one line
+    # The data before Ray and before the sweep's folder: a missing file or a broken row is
+    # said in seconds, and leaves no half-made sweep behind.
+    printer(f"sweep {sweep_id}: preparing data ({spec.data.source}) ...")
+    prepared = prepare_sweep_data(spec, storage)
+    printer(prepared.summary.format())
     connect(address, verbose=verbose)
     _treat_sigterm_as_ctrl_c()
     check_cluster(spec, storage, uri)
@@ -253,14 +261,12 @@ def run_sweep(
     spec_yaml = spec_text or yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     if not resume:
         (sweep_dir / SPEC_FILE).write_text(spec_yaml)
-
-    printer(f"sweep {sweep_id}: preparing data ({spec.data.source}) ...")
-    prepared = prepare_sweep_data(spec, storage)
     # Trials read the prepared folder where every node sees it (local runs, shared mounts);
     # with bucket storage the splits travel through Ray's object store instead.
     data = DataLocation(
         path=str(prepared.path), object_ref=ray.put(prepared) if storage.is_remote else None
     )
+    dataset = dataset_record(spec, prepared)
     tracking_args = None
     tracking = None
     if uri is not None:
@@ -268,9 +274,21 @@ def run_sweep(
         tracking_args = (uri, experiment, spec.name, sweep_id)
         tracking = SweepTracking(*tracking_args, artifact_location=artifact_location(spec))
         tracking.log_sweep_settings(
-            _sweep_params(spec),
-            {"spec.yaml": spec_yaml, "search_space.txt": _describe_space(spec)},
+            {**_sweep_params(spec), **prepared.summary.params()},
+            {
+                "spec.yaml": spec_yaml,
+                "search_space.txt": _describe_space(spec),
+                "data_summary.txt": prepared.summary.format() + "\n",
+            },
         )
+        tracking.client.log_batch(
+            tracking.parent_run_id,
+            metrics=[
+                Metric(key, float(value), int(time.time() * 1000), 0)
+                for key, value in prepared.summary.metrics().items()
+            ],
+        )
+        dataset.log_to(tracking.client, tracking.parent_run_id)
         printer(
             f"MLflow: {redact_text(uri)} "
             f"(experiment {experiment}, parent run {tracking.parent_run_id})"
@@ -300,6 +318,7 @@ def run_sweep(
                 tracking_uri=uri,
                 experiment=spec.experiment_name,
                 tracking_env=tracking_credentials(os.environ),
+                dataset=dataset,
             )
             trainable = make_trainable(plan)
             if tune.Tuner.can_restore(tune_dir.uri):
@@ -353,6 +372,35 @@ def run_sweep(
             },
         )
     return SweepOutcome(sweep_id, sweep_dir, status, rows, best_row(rows), files)
+
+
+def dataset_record(spec: SweepSpec, prepared: PreparedData) -> DatasetRecord:
+    """The prepared data as MLflow records a dataset: its fingerprint is the digest."""
+    source = spec.data.source
+    source_type = (
+        "builtin"
+        if source.startswith("builtin:")
+        else "local"
+        if "://" in source or Path(source).expanduser().exists()
+        else "hub"
+    )
+    summary = prepared.summary
+    columns = ["prompt", "chosen", "rejected"]
+    schema = {"mlflow_colspec": [{"name": name, "type": "string"} for name in columns]}
+    profile = {
+        "rows_read": summary.rows_read,
+        "train_pairs": summary.train.pairs,
+        "eval_pairs": summary.eval.pairs,
+        "shape": summary.shape,
+    }
+    return DatasetRecord(
+        name=source.removeprefix("builtin:").rstrip("/").rsplit("/", 1)[-1] or source,
+        digest=prepared.fingerprint[:36],
+        source=source,
+        source_type=source_type,
+        schema=json.dumps(schema),
+        profile=json.dumps(profile),
+    )
 
 
 def search_unfinished(spec: SweepSpec, trials_run: int) -> bool:

@@ -199,6 +199,8 @@ def _space_problems(
                 for item in error.errors():
                     if item["loc"] and item["loc"][0] != name:
                         continue
+                    if not item["loc"] and _base_fails(section_model, spec_base.get(section, {})):
+                        continue  # the section's own problem, reported once where it is
                     message = item["msg"].removeprefix("Value error, ")
                     problems.append(
                         Problem(
@@ -208,6 +210,14 @@ def _space_problems(
                         )
                     )
     return problems
+
+
+def _base_fails(section_model: type[BaseModel], base: Any) -> bool:
+    try:
+        section_model.model_validate(base)
+    except ValidationError:
+        return True
+    return False
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:

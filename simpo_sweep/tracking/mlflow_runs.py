@@ -15,11 +15,12 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -457,3 +458,32 @@ class MetricLogger:
         self.flush()
         if state is not None:
             finish_run(self.client, self.run_id, state, diagnosis)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What a sweep trained on, as MLflow's Datasets column shows it: recorded with
+    `log_inputs` on the parent run and on every trial's run (context train)."""
+
+    name: str
+    digest: str  # the prepared data's fingerprint: same digest, same tokenised pairs
+    source: str
+    source_type: str  # builtin | local | hub
+    schema: str  # JSON: the columns trials read
+    profile: str  # JSON: rows and pairs, as the data summary counts them
+
+    def log_to(self, client: MlflowClient, run_id: str, context: str = "train") -> None:
+        inputs = client.get_run(run_id).inputs
+        logged = (inputs.dataset_inputs if inputs is not None else None) or []
+        if any(item.dataset.digest == self.digest for item in logged):
+            return  # a retried or resumed trial: recorded already
+        dataset = Dataset(
+            name=self.name,
+            digest=self.digest,
+            source_type=self.source_type,
+            source=redact_text(self.source),
+            schema=self.schema,
+            profile=self.profile,
+        )
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])

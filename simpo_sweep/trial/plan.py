@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simpo_sweep.spec.models import ResourcesSpec, SweepSpec, TrialConfig
+from simpo_sweep.tracking.mlflow_runs import DatasetRecord
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class TrialPlan:
     # MLflow credentials of the sweep's driver, for trial processes on nodes that lack them;
     # they travel pickled with the plan, never in job metadata, and are never printed.
     tracking_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    dataset: DatasetRecord | None = None  # recorded on every trial's run (MLflow Datasets)
 
     @property
     def metric(self) -> str:

@@ -44,6 +44,8 @@ def _open_child_run(
     # Named by what it tries, for chart legends; the Ray trial id stays its tag.
     run_name = trial_run_name(trial_index(trial_id), sampled)
     run_id = tracking.child_run(trial_id, params, run_name=run_name)
+    if plan.dataset is not None:
+        plan.dataset.log_to(tracking.client, run_id)
     # Where this attempt runs (Tune's own node_ip is the driver's in local mode).
     tracking.client.set_tag(run_id, "simpo_sweep.node_ip", ray.util.get_node_ip_address())
     tracking.client.set_tag(run_id, "simpo_sweep.node_id", ray.get_runtime_context().get_node_id())

@@ -1,0 +1,308 @@
+"""Generation evaluation (engine/generation.py): the metric formulas against hand-computed
+cases, the length-controlled fit, prompt selection, batched left-padded generation, the
+degenerate-generation verdict, and generation sliced over 2 gloo processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from simpo_sweep.engine import demo
+from simpo_sweep.engine.generation import (
+    GenerationEvaluator,
+    GenerationRecord,
+    degenerate_generation_reasons,
+    generate,
+    generation_metrics,
+    length_controlled_win_rate,
+    metric_name,
+    repetition,
+    select_prompts,
+    win,
+)
+from simpo_sweep.engine.scorers import RuleScorer
+from simpo_sweep.spec.models import EvaluationSpec
+
+# ---- formulas ----------------------------------------------------------------------------------
+
+
+def test_repetition_is_the_share_of_repeated_4grams() -> None:
+    # 4-grams 1234 2341 3412 4123 1234: 5, of which 4 distinct.
+    assert repetition([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+    # "Hi Hi Hi Hi Hi Hi": 3 four-grams, all the same.
+    assert repetition([7] * 6) == pytest.approx(1 - 1 / 3)
+    assert repetition([1, 2, 3, 4, 5]) == 0.0
+    assert repetition([1, 2, 3]) is None  # no 4-gram at all
+
+
+def test_a_tie_is_half_a_win() -> None:
+    assert (win(2.0, 1.0), win(1.0, 1.0), win(0.0, 1.0)) == (1.0, 0.5, 0.0)
+
+
+def _record(length: int, chosen_length: int, **fields: object) -> GenerationRecord:
+    values: dict[str, object] = {
+        "row": 0,
+        "prompt": "p",
+        "generation": "g",
+        "chosen": "c",
+        "length_tokens": length,
+        "chosen_length_tokens": chosen_length,
+        "truncated": False,
+        "repetition": None,
+        "score": None,
+        "chosen_score": None,
+    }
+    values.update(fields)
+    return GenerationRecord(**values)  # type: ignore[arg-type]
+
+
+def test_generation_metrics_by_hand() -> None:
+    records = [
+        _record(4, 5, repetition=0.5, score=2.0, chosen_score=1.0),
+        _record(6, 5, repetition=None, score=1.0, chosen_score=1.0, truncated=True),
+        _record(2, 2, repetition=0.0, score=0.0, chosen_score=1.0),
+    ]
+    metrics = generation_metrics(records)
+    assert metrics[metric_name("length_tokens")] == pytest.approx(4.0)
+    assert metrics[metric_name("length_ratio")] == pytest.approx(4.0 / 4.0)
+    # The generation without a 4-gram is left out of the repetition mean.
+    assert metrics[metric_name("repetition")] == pytest.approx(0.25)
+    assert metrics[metric_name("truncated")] == pytest.approx(1 / 3)
+    assert metrics[metric_name("score")] == pytest.approx(1.0)
+    assert metrics[metric_name("win_rate")] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert 0 < metrics[metric_name("lc_win_rate")] < 1
+
+
+def test_unscored_generations_have_length_metrics_only() -> None:
+    metrics = generation_metrics([_record(3, 6), _record(5, 6)])
+    assert metrics == {
+        metric_name("length_tokens"): 4.0,
+        metric_name("length_ratio"): pytest.approx(4 / 6),
+        metric_name("repetition"): 0.0,
+        metric_name("truncated"): 0.0,
+    }
+
+
+def test_lc_win_rate_at_equal_lengths_is_the_win_rate() -> None:
+    """With no length difference only the intercept moves: sigmoid(a) solves
+    n * (sigmoid(a) - mean(win)) + l2 * a = 0, the win rate shrunk by a hair."""
+    lc = length_controlled_win_rate([1, 1, 1, 0], [0, 0, 0, 0])
+    assert lc == pytest.approx(0.75, abs=0.003) and lc < 0.75
+
+
+def test_lc_win_rate_removes_a_win_rate_that_comes_from_length_only() -> None:
+    """Wins depend on the length difference alone (P(win) = sigmoid(0.4 d)), and the
+    generations are mostly longer: the raw win rate is high, the rate at equal length 1/2."""
+    rng = np.random.default_rng(0)
+    differences = rng.normal(8.0, 10.0, size=4000).round()
+    wins = (rng.random(4000) < 1 / (1 + np.exp(-0.4 * differences))).astype(float)
+    assert wins.mean() > 0.7
+    assert length_controlled_win_rate(wins.tolist(), differences.tolist()) == pytest.approx(
+        0.5, abs=0.04
+    )
+
+
+def test_lc_fit_is_the_penalised_maximum_likelihood() -> None:
+    """Against an independent optimiser (L-BFGS in torch) of the same objective, on data
+    where wins also depend on quality: the same a, so the same lc_win_rate."""
+    rng = np.random.default_rng(1)
+    differences = rng.integers(-20, 30, size=200).astype(float)
+    wins = (rng.random(200) < 1 / (1 + np.exp(-(0.8 + 0.1 * differences)))).astype(float)
+    scale = differences.std()
+    x = torch.tensor(differences / scale)
+    y = torch.tensor(wins)
+    weights = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-12)
+
+    def objective() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = weights[0] + weights[1] * x
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        loss = loss + 0.01 / 2 * (weights**2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(objective)
+    expected = float(torch.sigmoid(weights[0].detach()))
+    assert length_controlled_win_rate(wins.tolist(), differences.tolist()) == pytest.approx(
+        expected, abs=1e-6
+    )
+
+
+def test_lc_fit_stays_finite_on_perfectly_separated_data() -> None:
+    differences = [float(d) for d in range(-3, 12) if d != 0]
+    wins = [1.0 if d > 0 else 0.0 for d in differences]
+    lc = length_controlled_win_rate(wins, differences)
+    assert math.isfinite(lc) and 0 < lc < 1
+
+
+# ---- the verdict -------------------------------------------------------------------------------
+
+
+def _metrics(length: float, repeated: float, truncated: float) -> dict[str, float]:
+    return {
+        metric_name("length_tokens"): length,
+        metric_name("repetition"): repeated,
+        metric_name("truncated"): truncated,
+    }
+
+
+def test_degenerate_generation_rules() -> None:
+    settings = EvaluationSpec(enabled=True, max_new_tokens=10)
+    assert degenerate_generation_reasons(_metrics(5, 0.1, 0.0), settings, step=10) == []
+    (repeating,) = degenerate_generation_reasons(_metrics(10, 0.8, 0.0), settings, step=10)
+    assert "repetition 0.80" in repeating
+    (short,) = degenerate_generation_reasons(_metrics(0.5, 0.0, 0.0), settings, step=10)
+    assert "collapsed to 0.5 tokens" in short
+    (endless,) = degenerate_generation_reasons(_metrics(10, 0.1, 1.0), settings, step=10)
+    assert "100% ran to max_new_tokens" in endless
+
+
+def test_a_model_that_started_degenerate_has_not_degenerated() -> None:
+    """A random init repeats one token to max_new_tokens before any update: judged against
+    that start, staying there is not learning yet; only what training brought is flagged."""
+    settings = EvaluationSpec(enabled=True, max_new_tokens=10)
+    start = _metrics(10, 0.9, 1.0)
+    assert degenerate_generation_reasons(start, settings, step=50, baseline=start) == []
+    (collapsed,) = degenerate_generation_reasons(
+        _metrics(1.0, 0.0, 0.0), settings, step=50, baseline=start
+    )
+    assert "collapsed" in collapsed
+
+
+# ---- prompts and generating --------------------------------------------------------------------
+
+
+def _demo_prompts(count: int) -> tuple[list[list[int]], list[list[int]]]:
+    tokenizer = demo.build_demo_tokenizer()
+    rows = demo.demo_preference_rows("builtin:rule-following", count, seed=0)
+    prompts, chosen = [], []
+    for row in rows:
+        messages = [{"role": "user", "content": row["prompt"]}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        chosen.append(tokenizer(row["chosen"] + "</s>", add_special_tokens=False)["input_ids"])
+    return prompts, chosen
+
+
+def test_select_prompts_is_seeded_distinct_and_decoded() -> None:
+    tokenizer = demo.build_demo_tokenizer()
+    prompts, chosen = _demo_prompts(30)
+    prompts, chosen = prompts + prompts[:5], chosen + chosen[:5]  # repeated prompts
+    first = select_prompts(prompts, chosen, tokenizer, num_prompts=8, seed=3)
+    again = select_prompts(prompts, chosen, tokenizer, num_prompts=8, seed=3)
+    assert first == again and len(first) == 8
+    assert len({tuple(prompt.prompt_ids) for prompt in first}) == 8
+    assert select_prompts(prompts, chosen, tokenizer, num_prompts=8, seed=4) != first
+    every = select_prompts(prompts, chosen, tokenizer, num_prompts=100, seed=3)
+    assert len(every) == 30  # distinct prompts only
+    sample = first[0]
+    assert demo.rule_answer(sample.prompt_text) is not None, sample.prompt_text
+    assert demo.follows_rule(sample.prompt_text, sample.chosen_text) is True
+    assert tokenizer.eos_token_id not in sample.chosen_ids
+
+
+def test_batched_left_padded_generation_matches_one_prompt_at_a_time() -> None:
+    tokenizer = demo.build_demo_tokenizer()
+    model = demo.build_demo_model("builtin:tiny-llama", tokenizer, seed=0)
+    # Demo prompts are all one length: cut some from the left (as max_prompt_length does).
+    prompts = [ids[index % 3 :] for index, ids in enumerate(_demo_prompts(7)[0])]
+    options = {
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "eos_token_id": tokenizer.eos_token_id,
+        "device": torch.device("cpu"),
+    }
+    batched = generate(model, prompts, EvaluationSpec(max_new_tokens=6, batch_size=4), **options)
+    single = generate(model, prompts, EvaluationSpec(max_new_tokens=6, batch_size=1), **options)
+    assert batched == single
+    assert all(len(generation.tokens) <= 6 for generation in batched)
+
+
+def test_sampling_is_seeded_and_leaves_the_training_rng_alone() -> None:
+    tokenizer = demo.build_demo_tokenizer()
+    model = demo.build_demo_model("builtin:tiny-llama", tokenizer, seed=0)
+    prompts, _ = _demo_prompts(4)
+    options = {
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "eos_token_id": tokenizer.eos_token_id,
+        "device": torch.device("cpu"),
+    }
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    sampled = EvaluationSpec(max_new_tokens=8, temperature=1.5, seed=1)
+    first = generate(model, prompts, sampled, **options)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert generate(model, prompts, sampled, **options) == first
+    other_seed = sampled.model_copy(update={"seed": 2})
+    assert generate(model, prompts, other_seed, **options) != first
+
+
+# ---- 2 processes -------------------------------------------------------------------------------
+
+
+def _evaluate_on_rank(rank: int, world_size: int, port: int, shard: bool, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        tokenizer = demo.build_demo_tokenizer()
+        model = demo.build_demo_model("builtin:tiny-llama", tokenizer, seed=0)
+        if shard:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        prompts_ids, chosen_ids = _demo_prompts(5)
+        prompts = select_prompts(prompts_ids, chosen_ids, tokenizer, num_prompts=5, seed=0)
+        settings = EvaluationSpec(enabled=True, max_new_tokens=6, batch_size=2)
+        evaluator = GenerationEvaluator(
+            prompts, settings, tokenizer, RuleScorer(), every=10, device="cpu"
+        )
+        evaluation = evaluator.evaluate(model, step=10)
+        Path(f"{out}.{rank}").write_bytes(pickle.dumps((evaluation.records, evaluation.metrics)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp2"])
+def test_two_processes_generate_slices_and_every_rank_gets_all(
+    tmp_path: Path, shard: bool
+) -> None:
+    """5 prompts over 2 ranks: slices of 3 and 2 (padded to 3), generated in lockstep, gathered
+    on both ranks, equal to what one process generates. Under FSDP2 each forward is a
+    collective, so a rank that stepped less often than the other would hang the test."""
+    from tests.conftest import free_port
+
+    out = str(tmp_path / "records")
+    mp.start_processes(
+        _evaluate_on_rank,
+        args=(2, free_port(), shard, out),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    rank0 = pickle.loads(Path(f"{out}.0").read_bytes())
+    rank1 = pickle.loads(Path(f"{out}.1").read_bytes())
+    assert rank0 == rank1
+
+    tokenizer = demo.build_demo_tokenizer()
+    model = demo.build_demo_model("builtin:tiny-llama", tokenizer, seed=0)
+    prompts_ids, chosen_ids = _demo_prompts(5)
+    prompts = select_prompts(prompts_ids, chosen_ids, tokenizer, num_prompts=5, seed=0)
+    settings = EvaluationSpec(enabled=True, max_new_tokens=6, batch_size=2)
+    alone = GenerationEvaluator(prompts, settings, tokenizer, RuleScorer(), every=10, device="cpu")
+    evaluation = alone.evaluate(model, step=10)
+    records, metrics = rank0
+    assert [record.row for record in records] == [prompt.row for prompt in prompts]
+    assert [r.generation for r in records] == [r.generation for r in evaluation.records]
+    assert metrics == evaluation.metrics
