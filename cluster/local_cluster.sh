@@ -484,6 +484,12 @@ do_kill_node() {
         sleep 0.1
     done
     [ -z "$(cluster_pids "$sid")" ] || die "worker node $index: processes still alive after SIGKILL"
+    # LOCAL_RAY_NUM_NODES counts the nodes alive: a node added later must not wait for this one.
+    if [ -f "$ENV_FILE" ]; then
+        local n_nodes
+        n_nodes="$(sed -n 's/^export LOCAL_RAY_NUM_NODES=//p' "$ENV_FILE")"
+        sed -i "s/^export LOCAL_RAY_NUM_NODES=.*/export LOCAL_RAY_NUM_NODES=$(( n_nodes - 1 ))/" "$ENV_FILE"
+    fi
     log "killed worker node $index ($(echo "$pids" | wc -l) processes)"
 }
 

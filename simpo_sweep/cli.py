@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--address", required=True, help="the cluster's dashboard, http://HEAD:8265"
     )
+    submit.add_argument(
+        "--verbose", "-v", action="store_true", help="the job's log carries Ray's output too"
+    )
     for name, help_text in (
         ("status", "a submitted sweep's job status"),
         ("logs", "a submitted sweep's driver logs"),

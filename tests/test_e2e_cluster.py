@@ -360,6 +360,47 @@ def test_submitted_sweep_runs_on_several_nodes_and_is_tracked(stack: Stack) -> N
 
 
 @pytest.mark.slow
+def test_two_sweeps_submitted_at_once_to_one_cluster_storage_and_mlflow_both_complete(
+    stack: Stack,
+) -> None:
+    """The same spec twice, at the same moment: same cluster, same storage folder, same MLflow
+    experiment. Each sweep gets its own id, folder and runs; neither sees the other's."""
+    spec = _spec(
+        stack,
+        "twin",
+        search={"num_samples": 2, "max_concurrent_trials": 2},
+        training={"max_steps": 20, "eval_every": 20, "checkpoint_every": 20},
+    )
+    submitted = stack.simpo_together(
+        *[(["submit", str(spec), "--address", stack.dashboard], None)] * 2, timeout=240
+    )
+    job_ids = []
+    for result in submitted:
+        assert result.returncode == 0, result.stdout + result.stderr
+        found = re.search(r"as job (\S+) to ", result.stdout)
+        assert found, result.stdout
+        job_ids.append(found.group(1))
+    assert len(set(job_ids)) == 2
+    for job_id in job_ids:
+        followed = _follow(stack, job_id)
+        assert followed.returncode == 0, (followed.stdout + followed.stderr)[-4000:]
+    storage = stack.root / "twin" / "runs"
+    sweep_dirs = sorted(path.parent for path in storage.glob("*/spec.yaml"))
+    assert len(sweep_dirs) == 2, sweep_dirs
+    trial_ids: list[str] = []
+    for sweep_dir in sweep_dirs:
+        rows = _results(sweep_dir)
+        assert len(rows) == 2
+        parent, children = _mlflow_runs(stack, "e2e-twin", sweep_dir.name)
+        assert parent.info.status == "FINISHED"
+        assert sorted(child.data.tags["simpo_sweep.trial_id"] for child in children) == sorted(
+            row["trial_id"] for row in rows
+        )
+        trial_ids += [row["trial_id"] for row in rows]
+    assert len(set(trial_ids)) == 4  # no trial shared between the sweeps
+
+
+@pytest.mark.slow
 def test_stop_ends_a_running_sweep(stack: Stack) -> None:
     spec = _spec(
         stack,
@@ -442,7 +483,8 @@ def test_sweep_survives_the_loss_of_a_worker_node(stack: Stack, second_host: str
         training={"max_steps": 300, "eval_every": 50, "checkpoint_every": 20},
         storage={"shared_filesystem": True},
     )
-    job_id = _submit(stack, spec)
+    # --verbose: the job's log then has Ray's per-checkpoint lines this test reads.
+    job_id = _submit(stack, spec, "--verbose")
     ray_job = _ray_job_id(stack, job_id)
     sweep_dir = _sweep_dir(stack.root / "node-loss" / "runs")
 

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from simpo_sweep.engine import demo
 from simpo_sweep.engine.generation import (
+    GenerationEvaluation,
     GenerationEvaluator,
     GenerationRecord,
     degenerate_generation_reasons,
@@ -94,7 +95,7 @@ def test_unscored_generations_have_length_metrics_only() -> None:
 def test_lc_win_rate_at_equal_lengths_is_the_win_rate() -> None:
     """With no length difference only the intercept moves: sigmoid(a) solves
     n * (sigmoid(a) - mean(win)) + l2 * a = 0, the win rate shrunk by a hair."""
-    lc = length_controlled_win_rate([1, 1, 1, 0], [0, 0, 0, 0])
+    lc = length_controlled_win_rate([1, 1, 1, 0], [5, 7, 3, 4], [5, 7, 3, 4])
     assert lc == pytest.approx(0.75, abs=0.003) and lc < 0.75
 
 
@@ -102,21 +103,22 @@ def test_lc_win_rate_removes_a_win_rate_that_comes_from_length_only() -> None:
     """Wins depend on the length difference alone (P(win) = sigmoid(0.4 d)), and the
     generations are mostly longer: the raw win rate is high, the rate at equal length 1/2."""
     rng = np.random.default_rng(0)
+    chosen = rng.integers(20, 60, size=4000).astype(float)
     differences = rng.normal(8.0, 10.0, size=4000).round()
     wins = (rng.random(4000) < 1 / (1 + np.exp(-0.4 * differences))).astype(float)
     assert wins.mean() > 0.7
-    assert length_controlled_win_rate(wins.tolist(), differences.tolist()) == pytest.approx(
-        0.5, abs=0.04
-    )
+    lc = length_controlled_win_rate(wins.tolist(), (chosen + differences).tolist(), chosen)
+    assert lc == pytest.approx(0.5, abs=0.04)
 
 
 def test_lc_fit_is_the_penalised_maximum_likelihood() -> None:
     """Against an independent optimiser (L-BFGS in torch) of the same objective, on data
     where wins also depend on quality: the same a, so the same lc_win_rate."""
     rng = np.random.default_rng(1)
+    chosen = rng.integers(10, 40, size=200).astype(float)
     differences = rng.integers(-20, 30, size=200).astype(float)
     wins = (rng.random(200) < 1 / (1 + np.exp(-(0.8 + 0.1 * differences)))).astype(float)
-    scale = differences.std()
+    scale = chosen.mean()
     x = torch.tensor(differences / scale)
     y = torch.tensor(wins)
     weights = torch.zeros(2, dtype=torch.float64, requires_grad=True)
@@ -132,16 +134,23 @@ def test_lc_fit_is_the_penalised_maximum_likelihood() -> None:
 
     optimiser.step(objective)
     expected = float(torch.sigmoid(weights[0].detach()))
-    assert length_controlled_win_rate(wins.tolist(), differences.tolist()) == pytest.approx(
-        expected, abs=1e-6
-    )
+    lc = length_controlled_win_rate(wins.tolist(), (chosen + differences).tolist(), chosen)
+    assert lc == pytest.approx(expected, abs=1e-6)
 
 
 def test_lc_fit_stays_finite_on_perfectly_separated_data() -> None:
     differences = [float(d) for d in range(-3, 12) if d != 0]
     wins = [1.0 if d > 0 else 0.0 for d in differences]
-    lc = length_controlled_win_rate(wins, differences)
+    chosen = [6.0] * len(differences)
+    lc = length_controlled_win_rate(wins, [6.0 + d for d in differences], chosen)
     assert math.isfinite(lc) and 0 < lc < 1
+
+
+def test_empty_answers_that_all_lose_have_a_low_lc_win_rate() -> None:
+    """Every generation empty (d / s = -1) and losing: no equal-length data at all, and the
+    fit must not extrapolate towards 1/2."""
+    chosen = [4.0, 5.0, 6.0, 7.0] * 4
+    assert length_controlled_win_rate([0.0] * 16, [0.0] * 16, chosen) < 0.05
 
 
 # ---- the verdict -------------------------------------------------------------------------------
@@ -166,16 +175,30 @@ def test_degenerate_generation_rules() -> None:
     assert "100% ran to max_new_tokens" in endless
 
 
-def test_a_model_that_started_degenerate_has_not_degenerated() -> None:
-    """A random init repeats one token to max_new_tokens before any update: judged against
-    that start, staying there is not learning yet; only what training brought is flagged."""
+def test_a_model_is_judged_only_once_it_has_generated_well() -> None:
+    """A random init repeats one token to max_new_tokens, and while it learns it answers with
+    EOS alone for a while: not degenerate, not yet able. Once it has generated well, a fall
+    into a rule is a degeneration."""
     settings = EvaluationSpec(enabled=True, max_new_tokens=10)
-    start = _metrics(10, 0.9, 1.0)
-    assert degenerate_generation_reasons(start, settings, step=50, baseline=start) == []
-    (collapsed,) = degenerate_generation_reasons(
-        _metrics(1.0, 0.0, 0.0), settings, step=50, baseline=start
+    prompts, chosen = _demo_prompts(1)
+    tokenizer = demo.build_demo_tokenizer()
+    evaluator = GenerationEvaluator(
+        select_prompts(prompts, chosen, tokenizer, num_prompts=1, seed=0),
+        settings,
+        tokenizer,
+        None,
+        every=10,
+        device="cpu",
     )
-    assert "collapsed" in collapsed
+
+    def at(step: int, metrics: dict[str, float]) -> list[str]:
+        return evaluator.degenerate_reasons(GenerationEvaluation(step, [], metrics, 0.0))
+
+    assert at(0, _metrics(10, 0.9, 1.0)) == []  # random init: babbles
+    assert at(10, _metrics(0.0, 0.0, 0.0)) == []  # the unigram stage: EOS alone
+    assert at(20, _metrics(5, 0.0, 0.0)) == []  # answers
+    (collapsed,) = at(30, _metrics(0.5, 0.0, 0.0))
+    assert "collapsed to 0.5 tokens" in collapsed and "step 30" in collapsed
 
 
 # ---- prompts and generating --------------------------------------------------------------------
@@ -275,9 +298,7 @@ def _evaluate_on_rank(rank: int, world_size: int, port: int, shard: bool, out: s
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp2"])
-def test_two_processes_generate_slices_and_every_rank_gets_all(
-    tmp_path: Path, shard: bool
-) -> None:
+def test_two_processes_generate_slices_and_every_rank_gets_all(tmp_path: Path, shard: bool) -> None:
     """5 prompts over 2 ranks: slices of 3 and 2 (padded to 3), generated in lockstep, gathered
     on both ranks, equal to what one process generates. Under FSDP2 each forward is a
     collective, so a rank that stepped less often than the other would hang the test."""
@@ -306,3 +327,84 @@ def test_two_processes_generate_slices_and_every_rank_gets_all(
     assert [record.row for record in records] == [prompt.row for prompt in prompts]
     assert [r.generation for r in records] == [r.generation for r in evaluation.records]
     assert metrics == evaluation.metrics
+
+
+# ---- in a sweep --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
+    tmp_path: Path,
+) -> None:
+    """lr 3e-2 with an SFT term drives the demo model to answer with EOS alone within 10 steps
+    while its loss stays finite (no other verdict sees it); lr 3e-3 trains on. Generation
+    metrics reach Tune and MLflow, every evaluation's generations are a table of the child run,
+    and the report puts the top trials' generations side by side."""
+    from mlflow.tracking import MlflowClient
+
+    from simpo_sweep.service.commands import generation_score_lines
+    from simpo_sweep.service.report import GENERATIONS_FILE, write_report
+    from simpo_sweep.service.results import STATE_COMPLETED, STATE_DEGENERATE
+    from simpo_sweep.service.sweep import run_sweep
+    from simpo_sweep.spec.models import SweepSpec
+    from simpo_sweep.tracking.mlflow_runs import SweepTracking, read_table
+
+    storage = tmp_path / "runs"
+    spec = SweepSpec.model_validate(
+        {
+            "name": "gen",
+            "data": {"max_length": 64, "max_prompt_length": 24},
+            "training": {"max_steps": 20, "batch_size": 8, "eval_every": 10},
+            "simpo": {"sft_weight": 1.0},
+            "evaluation": {
+                "enabled": True,
+                "num_prompts": 8,
+                "max_new_tokens": 10,
+                "scorer": "builtin:rule",
+            },
+            "search": {
+                "algorithm": "grid",
+                "metric": "eval/generation/lc_win_rate",
+                "space": {"learning_rate": {"type": "grid", "values": [3e-3, 3e-2]}},
+            },
+            "resources": {"num_workers": 1, "cpus_per_worker": 1},
+            "storage": {"path": str(storage)},
+        }
+    )
+    outcome = run_sweep(spec, printer=lambda _line: None)
+    by_lr = {row.params["learning_rate"]: row for row in outcome.rows}
+    healthy, collapsed = by_lr[3e-3], by_lr[3e-2]
+    assert (collapsed.state, collapsed.step) == (STATE_DEGENERATE, 10), collapsed.diagnosis
+    assert "degenerate generations: they collapsed to" in collapsed.diagnosis
+    assert collapsed.metrics["eval/generation/length_tokens"] < 2.0
+    assert healthy.state == STATE_COMPLETED and healthy.metric is not None, healthy.diagnosis
+    assert outcome.best is not None and outcome.best.trial_id == healthy.trial_id
+    for name in ("length_tokens", "length_ratio", "repetition", "score", "win_rate"):
+        assert f"eval/generation/{name}" in healthy.metrics, name
+
+    uri = f"sqlite:///{storage.resolve() / 'mlflow.db'}"
+    tracking = SweepTracking(uri, "gen", "gen", outcome.sweep_id)
+    runs = tracking.child_runs()
+    run_id = runs[healthy.trial_id].info.run_id
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run_id, "eval/generation/length_tokens")
+    assert sorted(metric.step for metric in history) == [10, 20]
+    assert client.get_metric_history(run_id, "perf/generation_s")
+    tables = sorted(entry.path for entry in client.list_artifacts(run_id, "generations"))
+    assert tables == [f"generations/step_{step:06d}.json" for step in (0, 10, 20)]
+    rows = read_table(client, run_id, "generations/step_000020.json")
+    assert len(rows) == 8
+    assert all(demo.rule_answer(row["prompt"]) is not None for row in rows)
+    assert {"generation", "chosen", "score", "chosen_score", "length_tokens"} <= set(rows[0])
+    collapsed_run = runs[collapsed.trial_id]
+    assert collapsed_run.data.tags["simpo_sweep.state"] == STATE_DEGENERATE
+
+    lines = generation_score_lines(spec, outcome.rows, outcome.best)
+    assert healthy.trial_id in lines[1] and collapsed.trial_id in lines[2]
+
+    write_report(spec, outcome.location, tracking)
+    side_by_side = (outcome.sweep_dir / "report" / GENERATIONS_FILE).read_text()
+    assert rows[0]["prompt"] in side_by_side and healthy.trial_id in side_by_side
+    parent_files = [entry.path for entry in client.list_artifacts(tracking.parent_run_id)]
+    assert GENERATIONS_FILE in parent_files

@@ -53,7 +53,7 @@ def _train(
         load_model(model, TOKENIZER, "cpu", seed=0),
         prepared.train,
         prepared.eval,
-        training=TrainingSpec(precision=precision, **SMALL_STEPS),  # type: ignore[arg-type]
+        training=TrainingSpec(precision=precision, **SMALL_STEPS),
         simpo=SimPOSpec(),
         pad_token_id=TOKENIZER.pad_token_id,
         device="cpu",
@@ -120,5 +120,7 @@ def test_auto_precision_is_bf16_mixed_on_cuda_and_fp32_on_cpu() -> None:
 
 
 def test_the_old_mixed_precision_key_is_refused_with_its_replacement() -> None:
-    with pytest.raises(ValidationError, match="replaced by training.precision: bf16 -> bf16-mixed"):
+    with pytest.raises(
+        ValidationError, match=r"replaced by training\.precision: bf16 -> bf16-mixed"
+    ):
         TrainingSpec.model_validate({"mixed_precision": "bf16"})

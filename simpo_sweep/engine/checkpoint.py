@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,10 @@ def load_full_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]
     """
     directory = Path(checkpoint_dir)
     checkpoint_info(directory)
-    loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(directory))
+    with warnings.catch_warnings():
+        # "assuming the intent is to load in a single process": it is.
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(directory))
     model_state: dict[str, Any] = loaded["model"]
     return {
         name: tensor for name, tensor in model_state.items() if isinstance(tensor, torch.Tensor)

@@ -19,18 +19,25 @@ Metrics, under `eval/generation/`, means over the prompts:
                    1/2 if equal (AlpacaEval's tie), 0 if below; the chosen responses are
                    scored by the same scorer
     lc_win_rate    the win rate at equal length (AlpacaEval 2's length control): with
-                   d_i = length_i - chosen_length_i and s = std(d) (1 when d is constant),
+                   d_i = length_i - chosen_length_i and s = the chosen responses' mean length
+                   (so d / s is the relative length difference, -1 for an empty answer),
                    fit P(win_i) = sigmoid(a + b * d_i / s) by maximum likelihood with an L2
-                   penalty (l2 / 2) * (a^2 + b^2), so perfectly separated data stays finite
-                   (a few Newton steps), and report sigmoid(a): the win rate a generation of
-                   the chosen response's length would have
+                   penalty (l2 / 2) * (a^2 + b^2), l2 = 0.01, so perfectly separated data
+                   stays finite (Newton steps), and report sigmoid(a): the win rate a
+                   generation of the chosen response's length would have. Scaling by the
+                   chosen length rather than by std(d) keeps d / s of order 1, so sigmoid(a)
+                   is never read far outside the data (all answers empty and all losing give
+                   about 0.02, not an extrapolation towards 1/2).
 
 Degenerate generations (`degenerate_generation_reasons`): repetition above
 `max_repetition`, a mean length below `min_length_tokens`, or more than `max_truncated_share`
-of the generations truncated. Each rule is judged against the trial's start, the generations of
-the model before its first update (`baseline`): a model that already babbles there (a random
-init repeats one token to max_new_tokens) has not degenerated, it has not learned yet; a model
-that training drives there has. Without a baseline the rules are absolute.
+of the generations truncated. Like log-prob collapse (docs/simpo.md), it is a fall, not a
+floor: a trial is judged only once its model has generated well, at its start (the model
+before its first update, `GenerationEvaluator.set_baseline`) or at a later evaluation. A random
+init repeats one token to max_new_tokens, and while it learns it passes through answering with
+EOS alone (the unigram stage: EOS is the commonest token of the responses); neither is a
+degeneration, it has not learned to generate yet. A model that generated well and that
+training drives into one of the rules has degenerated.
 
 Distributed (DDP and FSDP alike): rank r generates and scores the r-th slice of the prompts;
 slices are padded to equal length (the padding is dropped afterwards) and generate() keeps
@@ -94,6 +101,15 @@ def _content(ids: Sequence[int], eos_token_id: int | None) -> list[int]:
     return tokens
 
 
+def decode(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], *, skip_special_tokens: bool = False
+) -> str:
+    """Token ids as text, stripped. A generation keeps its special tokens: a model that writes
+    template markers instead of an answer should be seen doing it."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return str(text).strip()
+
+
 def select_prompts(
     prompt_ids: Sequence[Sequence[int]],
     chosen_ids: Sequence[Sequence[int]],
@@ -119,8 +135,8 @@ def select_prompts(
                 row=row,
                 prompt_ids=prompt,
                 chosen_ids=chosen,
-                prompt_text=tokenizer.decode(prompt, skip_special_tokens=True).strip(),
-                chosen_text=tokenizer.decode(chosen, skip_special_tokens=False).strip(),
+                prompt_text=decode(tokenizer, prompt, skip_special_tokens=True),
+                chosen_text=decode(tokenizer, chosen),
             )
         )
     return prompts
@@ -224,20 +240,27 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def length_controlled_win_rate(
-    wins: Sequence[float], length_differences: Sequence[float], *, l2: float = LC_L2
+    wins: Sequence[float],
+    lengths: Sequence[float],
+    chosen_lengths: Sequence[float],
+    *,
+    l2: float = LC_L2,
 ) -> float:
-    """sigmoid(a) of the penalised logistic fit P(win) = sigmoid(a + b * d / std(d)).
+    """sigmoid(a) of the penalised logistic fit P(win) = sigmoid(a + b * d / s), with
+    d = length - chosen length and s = mean chosen length (at least 1 token).
 
-    `wins` in [0, 1] (ties as 1/2: the binomial likelihood takes fractional outcomes),
-    `length_differences` d = generation length - chosen length per prompt. Newton's method on
-    the penalised negative log-likelihood, which is strictly convex (l2 > 0), so the steps
-    converge from zero without a line search.
+    `wins` in [0, 1] (ties as 1/2: the binomial likelihood takes fractional outcomes). Newton's
+    method on the penalised negative log-likelihood, which is strictly convex (l2 > 0), so the
+    steps converge from zero without a line search.
     """
     y = np.asarray(wins, dtype=np.float64)
-    d = np.asarray(length_differences, dtype=np.float64)
-    if y.size == 0 or y.size != d.size:
-        raise ValueError(f"need as many wins as length differences, got {y.size} and {d.size}")
-    scale = float(d.std()) or 1.0
+    chosen = np.asarray(chosen_lengths, dtype=np.float64)
+    d = np.asarray(lengths, dtype=np.float64) - chosen
+    if y.size == 0 or not y.size == d.size == chosen.size:
+        raise ValueError(
+            f"need one win and two lengths per prompt, got {y.size}, {d.size}, {chosen.size}"
+        )
+    scale = max(float(chosen.mean()), 1.0)
     features = np.stack([np.ones_like(d), d / scale], axis=1)
     weights = np.zeros(2)
     for _ in range(LC_NEWTON_STEPS):
@@ -290,7 +313,7 @@ def generation_metrics(records: Sequence[GenerationRecord]) -> dict[str, float]:
         metrics[metric_name("score")] = float(np.mean([score for score, _ in scored]))
         metrics[metric_name("win_rate")] = float(np.mean(wins))
         metrics[metric_name("lc_win_rate")] = length_controlled_win_rate(
-            wins, (lengths - chosen_lengths).tolist()
+            wins, lengths.tolist(), chosen_lengths.tolist()
         )
     return metrics
 
@@ -303,36 +326,31 @@ def degenerate_generation_reasons(
     settings: EvaluationSpec,
     *,
     step: int,
-    baseline: dict[str, float] | None = None,
 ) -> list[str]:
-    """Why these generations are degenerate (empty when they are not); see the module
-    docstring. A rule that already held for `baseline` (the model before training) is not
-    a degeneration and is not reported."""
+    """Which rules these generations break (empty when none). Whether breaking them is a
+    degeneration is the caller's to decide: GenerationEvaluator judges a model only once it
+    has generated well."""
     repetition_now = metrics[metric_name("repetition")]
     length_now = metrics[metric_name("length_tokens")]
     truncated_now = metrics[metric_name("truncated")]
 
-    def new_since_start(key: str) -> bool:
-        holds_now = _rule_holds(key, metrics[metric_name(key)], settings)
-        held_before = baseline is not None and _rule_holds(
-            key, baseline[metric_name(key)], settings
-        )
-        return holds_now and not held_before
+    def breaks(key: str) -> bool:
+        return _rule_holds(key, metrics[metric_name(key)], settings)
 
     reasons = []
-    if new_since_start("repetition"):
+    if breaks("repetition"):
         reasons.append(
             f"degenerate generations: repetition {repetition_now:.2f} > "
             f"{settings.max_repetition} at step {step} (the same 4-grams over and over); lower "
             "the learning rate or add an SFT term (simpo.sft_weight)"
         )
-    if new_since_start("length_tokens"):
+    if breaks("length_tokens"):
         reasons.append(
             f"degenerate generations: they collapsed to {length_now:.1f} tokens on average "
             f"(< {settings.min_length_tokens}) at step {step}; lower the learning rate or add "
             "an SFT term (simpo.sft_weight)"
         )
-    if new_since_start("truncated"):
+    if breaks("truncated"):
         reasons.append(
             f"degenerate generations: {truncated_now:.0%} ran to max_new_tokens "
             f"({settings.max_new_tokens}) without an end at step {step} (> "
@@ -390,6 +408,7 @@ class GenerationEvaluator:
         self.device = torch.device(device)
         self.rank, self.world_size = _world()
         self.total_seconds = 0.0
+        # The last evaluation at which no rule held: a fall is judged from there on.
         self.baseline: dict[str, float] | None = None
         self._chosen_scores: list[float] | None = None
 
@@ -423,10 +442,7 @@ class GenerationEvaluator:
             synced=self.world_size > 1,
         )[:real]
         mine = mine[:real]
-        texts = [
-            self.tokenizer.decode(generation.tokens, skip_special_tokens=False).strip()
-            for generation in generations
-        ]
+        texts = [decode(self.tokenizer, generation.tokens) for generation in generations]
         scores: list[float | None] = [None] * real
         chosen_scores: list[float | None] = [None] * real
         if self.scorer is not None and real:
@@ -462,12 +478,19 @@ class GenerationEvaluator:
         return GenerationEvaluation(step, records, generation_metrics(records), seconds)
 
     def set_baseline(self, model: nn.Module) -> GenerationEvaluation:
-        """Evaluate the model before its first update: the start the verdict compares with."""
+        """Evaluate the model before its first update: if it generates well, a fall from here
+        is a degeneration."""
         evaluation = self.evaluate(model, step=0)
-        self.baseline = dict(evaluation.metrics)
+        self.degenerate_reasons(evaluation)
         return evaluation
 
     def degenerate_reasons(self, evaluation: GenerationEvaluation) -> list[str]:
-        return degenerate_generation_reasons(
-            evaluation.metrics, self.settings, step=evaluation.step, baseline=self.baseline
+        """Why this evaluation's generations are degenerate: empty until the model has once
+        generated well (see the module docstring), and when they are good."""
+        reasons = degenerate_generation_reasons(
+            evaluation.metrics, self.settings, step=evaluation.step
         )
+        if not reasons:
+            self.baseline = dict(evaluation.metrics)
+            return []
+        return reasons if self.baseline is not None else []

@@ -35,8 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from simpo_sweep.engine.models import Precision
-from simpo_sweep.spec.models import LoraSpec, ModelSpec
+from simpo_sweep.engine.models import Precision, resolve_dtype, resolve_precision
+from simpo_sweep.spec.models import DataSpec, LoraSpec, ModelSpec, ResourcesSpec, TrainingSpec
 
 GB = 1e9
 CUDA_RUNTIME_BYTES = 1.5 * GB
@@ -86,19 +86,21 @@ class MemoryPlan:
 
     def lines(self) -> list[str]:
         shape = self.shape
-        lora = "" if shape.trainable == shape.parameters else (
-            f", LoRA: {shape.trainable / 1e6:.1f}M trainable"
+        lora = (
+            ""
+            if shape.trainable == shape.parameters
+            else f", LoRA: {_count(shape.trainable)} trainable"
         )
         parts = ", ".join(
-            f"{name} {value / GB:.1f}" for name, value in self.components.items() if value
+            f"{name} {_size(value)}" for name, value in self.components.items() if value
         )
         return [
-            f"model: {shape.name}: {shape.parameters / 1e9:.2f}B parameters, "
+            f"model: {shape.name}: {_count(shape.parameters)} parameters, "
             f"{shape.num_layers} layers, vocab {shape.vocab_size}{lora}",
-            f"per worker: ~{self.total_gb:.1f} GB ({self.precision}, {self.strategy} over "
+            f"per worker: ~{_size(self.total_bytes)} ({self.precision}, {self.strategy} over "
             f"{self.workers} worker(s), {self.tokens_per_micro_batch} tokens per micro-batch, "
             f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'})",
-            f"  GB: {parts}",
+            f"  {parts}",
         ]
 
     def refusal(self, gpu_memory_gb: float) -> str:
@@ -122,9 +124,58 @@ class MemoryPlan:
         )
 
 
+# The published configs (config.json on the hub) of the models the shipped specs and the
+# README name, for planning where the hub cannot be reached (a laptop checking a cluster spec;
+# Llama 3 is gated). Shapes only: what model_shape reads.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },
+    "Qwen/Qwen2.5-0.5B-Instruct": {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2.5-1.5B-Instruct": {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+}
+KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"] = KNOWN_CONFIGS[
+    "meta-llama/Meta-Llama-3-8B-Instruct"
+]
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / GB:.1f} GB" if num_bytes >= 0.1 * GB else f"{num_bytes / 1e6:.1f} MB"
+
+
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e8 else f"{parameters / 1e6:.2f}M"
+
+
 def model_config(model: ModelSpec) -> Any:
     """The model's transformers config: the demo's for builtin:, else AutoConfig (a hub id
-    needs the hub or its local cache; a local folder needs its config.json only)."""
+    needs the hub or its local cache; a local folder needs its config.json only), else, for a
+    model of KNOWN_CONFIGS, its published shape. ValueError when none of them answers."""
     from simpo_sweep.engine import demo
     from simpo_sweep.engine.models import load_tokenizer
 
@@ -132,9 +183,21 @@ def model_config(model: ModelSpec) -> Any:
         return demo.demo_model_config(model.name, load_tokenizer(model))
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(
-        model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
-    )
+    known = KNOWN_CONFIGS.get(model.name)
+    try:
+        # A known model is not worth the hub's retries (half a minute offline): its cached
+        # config, else the table.
+        return AutoConfig.from_pretrained(
+            model.name,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            local_files_only=known is not None,
+        )
+    except (OSError, ValueError) as error:
+        if known is None:
+            raise ValueError(f"no config for {model.name}: {error}") from error
+        values = dict(known)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def _lora_targets(name: str, module: nn.Module, lora: LoraSpec) -> bool:
@@ -239,9 +302,7 @@ def estimate_memory(
     per_layer = _activation_bytes_per_token_and_layer(shape, compute_bytes)
     residual_bytes = 4 if precision != "bf16-true" else 2  # the residual stream's dtype
     if gradient_checkpointing:
-        activations = tokens * (
-            shape.num_layers * shape.hidden_size * residual_bytes + per_layer
-        )
+        activations = tokens * (shape.num_layers * shape.hidden_size * residual_bytes + per_layer)
     else:
         activations = tokens * shape.num_layers * per_layer
     # the final hidden states, kept for the chunked head's backward
@@ -284,4 +345,77 @@ def choose_strategy(
 
 
 def bytes_of_dtype(dtype: torch.dtype) -> int:
-    return int(math.ceil(torch.finfo(dtype).bits / 8))
+    return math.ceil(torch.finfo(dtype).bits / 8)
+
+
+@dataclass(frozen=True)
+class TrialMemory:
+    """A trial's plan under the strategy it will train with, and what it is checked against."""
+
+    plan: MemoryPlan
+    memory_gb: float | None  # one worker's share of its GPU, when resources.gpu_memory_gb is set
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_gb is None or self.plan.fits(self.memory_gb)
+
+    def lines(self) -> list[str]:
+        lines = self.plan.lines()
+        if self.memory_gb is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  {verdict} the {self.memory_gb:g} GB each worker has")
+        return lines
+
+    def refusal(self) -> str | None:
+        if self.fits or self.memory_gb is None:
+            return None
+        return self.plan.refusal(self.memory_gb)
+
+
+def trial_strategy(
+    model: ModelSpec, data: DataSpec, training: TrainingSpec, resources: ResourcesSpec
+) -> Strategy:
+    """The strategy a trial trains with: resources.strategy, with `auto` decided by the
+    memory plan (which reads the model's config only when it has something to decide)."""
+    if resources.strategy != "auto":
+        return resources.strategy
+    if resources.num_workers <= 1 or resources.gpu_memory_gb is None:
+        return "ddp"
+    return plan_trial(model, data, training, resources).plan.strategy
+
+
+def plan_trial(
+    model: ModelSpec,
+    data: DataSpec,
+    training: TrainingSpec,
+    resources: ResourcesSpec,
+    shape: ModelShape | None = None,
+) -> TrialMemory:
+    """The memory plan of one trial of these settings, on the device its resources ask for
+    (a GPU when gpus_per_worker > 0), under the strategy `resources.strategy` resolves to."""
+    device = "cuda" if resources.gpus_per_worker > 0 else "cpu"
+    shape = shape or model_shape(model_config(model), model.name, model.lora)
+    precision = resolve_precision(training.precision, device)
+    frozen_bytes = bytes_of_dtype(resolve_dtype(model, device))
+    memory_gb = (
+        gpu_share_gb(resources.gpu_memory_gb, resources.gpus_per_worker)
+        if resources.gpu_memory_gb is not None and device == "cuda"
+        else None
+    )
+
+    def plan_of(strategy: Strategy) -> MemoryPlan:
+        return estimate_memory(
+            shape,
+            precision=precision,
+            strategy=strategy,
+            workers=resources.num_workers,
+            batch_size=training.batch_size,
+            max_length=data.max_length,
+            gradient_checkpointing=model.gradient_checkpointing,
+            logprob_chunk_tokens=training.logprob_chunk_tokens,
+            frozen_dtype_bytes=frozen_bytes,
+            device_type=device,
+        )
+
+    strategy = choose_strategy(resources.strategy, plan_of, resources.num_workers, memory_gb)
+    return TrialMemory(plan_of(strategy), memory_gb)

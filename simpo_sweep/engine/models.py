@@ -107,6 +107,10 @@ def load_model(
     they load in model.dtype (what export writes).
     """
     dtype = resolve_dtype(model, device) if precision is None else training_dtype(precision)
+    if model.lora is not None and precision == "bf16-mixed":
+        # LoRA's base is frozen: it is never updated, so it stays in model.dtype (bf16 on
+        # CUDA, half the memory of float32); only the adapters are float32.
+        dtype = resolve_dtype(model, device)
     attn_implementation = None if model.attn_implementation == "auto" else model.attn_implementation
     loaded: PreTrainedModel
     if demo.is_builtin(model.name):
@@ -124,6 +128,10 @@ def load_model(
             options["attn_implementation"] = attn_implementation
         loaded = AutoModelForCausalLM.from_pretrained(model.name, **options)
     loaded = _move(loaded, device=device)
+    if model.lora is not None:
+        from simpo_sweep.engine.lora import apply_lora
+
+        loaded = apply_lora(loaded, model.lora)  # type: ignore[assignment]
     if model.gradient_checkpointing:
         # Non-reentrant checkpointing works with inputs that do not require grad and with DDP.
         options = {"use_reentrant": False}

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from simpo_sweep.service.errors import SweepError
-from simpo_sweep.service.results import format_table
+from simpo_sweep.service.results import TrialRow, format_table
 from simpo_sweep.service.storage import find_sweep_dir, load_sweep_spec, tracking_uri
 from simpo_sweep.service.sweep import SweepOutcome, alive_nodes, cluster_resources, connect
 from simpo_sweep.spec.loading import Problem, SpecError, check_resources, load_spec
-from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.models import GENERATION_METRIC_PREFIX, SweepSpec
 from simpo_sweep.spec.space import count_trials, describe_space, searched_keys
 from simpo_sweep.tracking.mlflow_runs import is_local_store
 from simpo_sweep.tracking.redact import redact_text
@@ -54,6 +54,7 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
                 f"note: this machine cannot run it: {reasons}; it is checked again by run "
                 "and submit (against the cluster they use)"
             )
+    memory = memory_lines(spec)
     lines = [f"spec OK: sweep '{spec.name}'", "search space:"]
     lines += [f"  {line}" for line in describe_space(spec)]
     if not searched_keys(spec):
@@ -67,10 +68,33 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
         f"per trial: {spec.resources.num_workers} worker(s) "
         f"x {spec.resources.cpus_per_worker:g} CPU"
         + (f", {spec.resources.gpus_per_worker:g} GPU" if spec.resources.gpus_per_worker else ""),
+        *memory,
         *notes,
         *data_lines(spec),
     ]
     return "\n".join(lines)
+
+
+def memory_lines(spec: SweepSpec) -> list[str]:
+    """The memory plan of a trial (the spec's fixed values; searched ones move it), refused
+    when resources.gpu_memory_gb is given and the plan does not fit it."""
+    from simpo_sweep.engine.memory import plan_trial
+    from simpo_sweep.engine.models import lost_update_warning, resolve_precision
+
+    try:
+        memory = plan_trial(spec.model, spec.data, spec.training, spec.resources)
+    except (OSError, ValueError) as error:
+        return [f"memory plan: unknown ({redact_text(str(error)).splitlines()[0]})"]
+    refusal = memory.refusal()
+    if refusal:
+        raise SpecError("memory plan", [Problem("resources.gpu_memory_gb", refusal)])
+    lines = ["memory plan:", *(f"  {line}" for line in memory.lines())]
+    if memory.memory_gb is None and spec.resources.gpus_per_worker > 0:
+        lines.append("  (set resources.gpu_memory_gb to have it checked against the GPU)")
+    device = "cuda" if spec.resources.gpus_per_worker > 0 else "cpu"
+    if resolve_precision(spec.training.precision, device) == "bf16-true":
+        lines.append(f"warning: {lost_update_warning(spec.training.learning_rate)}")
+    return lines
 
 
 def data_lines(spec: SweepSpec) -> list[str]:
@@ -106,8 +130,41 @@ def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
     best = outcome.best
     knobs = ", ".join(f"{name}={value}" for name, value in best.params.items())
     print(f"best trial {best.trial_id}: {spec.search.metric} = {best.metric:.4f} ({knobs})")
+    for line in generation_score_lines(spec, outcome.rows, best):
+        print(line)
     for name, path in outcome.files.items():
         print(f"  {name}: {path}")
+
+
+def generation_score_lines(spec: SweepSpec, rows: list[TrialRow], best: TrialRow) -> list[str]:
+    """The best trial's generation score and the poorest-ranked scored trial's, so a reward
+    metric that rose while the generations did not is seen at the end of the run."""
+    key = f"{GENERATION_METRIC_PREFIX}score"
+    if not spec.evaluation.enabled or not spec.evaluation.scored:
+        return []
+    scored = [row for row in rows if key in row.metrics]
+    if best not in scored:
+        return [f"generation score ({spec.evaluation.scorer}): best trial has none recorded"]
+    poor = next((row for row in reversed(scored) if row is not best), None)
+    lines = [
+        f"generation score ({spec.evaluation.scorer}, mean over "
+        f"{spec.evaluation.num_prompts} held-out prompts):",
+        f"  best trial {best.trial_id}: {best.metrics[key]:.3f}" + _length_note(best),
+    ]
+    if poor is not None:
+        lines.append(
+            f"  a poor trial {poor.trial_id} ({poor.state}, rank {rows.index(poor) + 1}): "
+            f"{poor.metrics[key]:.3f}" + _length_note(poor)
+        )
+    return lines
+
+
+def _length_note(row: TrialRow) -> str:
+    length = row.metrics.get(f"{GENERATION_METRIC_PREFIX}length_tokens")
+    repetition = row.metrics.get(f"{GENERATION_METRIC_PREFIX}repetition")
+    if length is None or repetition is None:
+        return ""
+    return f" (length {length:.1f} tokens, repetition {repetition:.2f})"
 
 
 def ui_command(sweep: str | None, host: str, port: int) -> list[str]:

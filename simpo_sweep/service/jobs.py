@@ -256,8 +256,10 @@ def submit(
     *,
     start_timeout_s: float = START_TIMEOUT_S,
     settle_timeout_s: float = SETTLE_TIMEOUT_S,
+    verbose: bool = False,
 ) -> str:
-    """Submit the sweep; returns once it is running (or raises when it failed to start)."""
+    """Submit the sweep; returns once it is running (or raises when it failed to start).
+    `verbose`: the job's log carries Ray's own output too (trial processes, checkpoints)."""
     spec = load_spec(spec_path, overrides)  # refuse a bad spec before anything reaches the cluster
     url = dashboard_url(address)
     jobs = client(url)
@@ -275,7 +277,7 @@ def submit(
             url,
             "submit",
             jobs.submit_job,
-            entrypoint=ENTRYPOINT,
+            entrypoint=ENTRYPOINT + (" --verbose" if verbose else ""),
             runtime_env={
                 "working_dir": staging,
                 "py_modules": [_package_dir()],
@@ -415,7 +417,7 @@ def _clock(milliseconds: int | None) -> str:
 def cli(args: argparse.Namespace) -> int:
     """`submit`, `status`, `logs`, `stop`, `list`: 0 on success, 1 for a failed job."""
     if args.command == "submit":
-        submit(args.spec, args.overrides, args.address)
+        submit(args.spec, args.overrides, args.address, verbose=args.verbose)
         return 0
     if args.command == "status":
         info = status(args.job_id, args.address)

@@ -32,6 +32,7 @@ from simpo_sweep.tracking.mlflow_runs import (
     TAG_STATE,
     SweepTracking,
     last_logged_step,
+    latest_generations,
 )
 from simpo_sweep.trial.outcome import TrialState
 
@@ -136,6 +137,70 @@ def _spans_decades(points: list[tuple[Any, Any, Any]]) -> bool:
     return min(values) > 0 and max(values) / min(values) >= 100
 
 
+# Trials shown side by side in generations.md: the best usable ones.
+SIDE_BY_SIDE_TRIALS = 3
+GENERATIONS_FILE = "generations.md"
+
+
+def _cell(value: Any) -> str:
+    """A value as one Markdown table cell: pipes escaped, no line breaks."""
+    if isinstance(value, float):
+        value = f"{value:.3g}"
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")[:300] or " "
+
+
+def generations_side_by_side(
+    spec: SweepSpec, rows: list[TrialRow], tracking: SweepTracking
+) -> str | None:
+    """The top trials' last generations for the same prompts, one column each (Markdown);
+    None when no trial logged generations (evaluation off)."""
+    runs = tracking.child_runs()
+    shown: list[tuple[TrialRow, int, dict[int, dict[str, Any]]]] = []
+    for row in rows:
+        if len(shown) == SIDE_BY_SIDE_TRIALS or row.trial_id not in runs:
+            continue
+        if not row.state.usable and shown:
+            continue  # a degenerate or failed trial only when there is nothing better
+        latest = latest_generations(tracking.client, runs[row.trial_id].info.run_id)
+        if latest is not None:
+            step, records = latest
+            shown.append((row, step, {int(record["row"]): record for record in records}))
+    if not shown:
+        return None
+    prompt_rows = list(shown[0][2])
+    header = ["prompt", "chosen"] + [
+        f"#{rows.index(row) + 1} {row.trial_id} (step {step})" for row, step, _ in shown
+    ]
+    lines = [
+        f"# {spec.name}: generations of the top trials",
+        "",
+        f"Ranked by {spec.search.metric}; each trial's last generation evaluation, for the same "
+        "held-out prompts. In brackets: the generation's score (chosen: the chosen response's).",
+        "",
+        "| trial | " + " | ".join(_cell(name) for name in header[2:]) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for metric in ("score", "win_rate", "lc_win_rate", "length_tokens", "repetition", "truncated"):
+        values = [row.metrics.get(f"eval/generation/{metric}") for row, _, _ in shown]
+        if any(value is not None for value in values):
+            lines.append(f"| {metric} | " + " | ".join(_cell(value) for value in values) + " |")
+    lines += ["", "| " + " | ".join(_cell(name) for name in header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    for prompt_row in prompt_rows:
+        first = shown[0][2][prompt_row]
+        cells = [_cell(first["prompt"]), _scored(first["chosen"], first.get("chosen_score"))]
+        for _, _, by_row in shown:
+            record = by_row.get(prompt_row)
+            cells.append(_scored(record["generation"], record.get("score")) if record else " ")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _scored(text: Any, score: Any) -> str:
+    return _cell(text) + (f" [{score:.3g}]" if isinstance(score, int | float) else "")
+
+
 def write_report(
     spec: SweepSpec,
     sweep_dir: StorageLocation,
@@ -153,6 +218,13 @@ def write_report(
     table = format_table(spec, rows)
     (out_dir / "results.md").write_text(table)
     plots = plot_curves(spec, tracking, out_dir) + plot_metric_vs_knobs(spec, rows, out_dir)
+    side_by_side = generations_side_by_side(spec, rows, tracking)
+    extra_files = []
+    if side_by_side is not None:
+        (out_dir / GENERATIONS_FILE).write_text(side_by_side)
+        extra_files.append(out_dir / GENERATIONS_FILE)
+        if log_to_mlflow:
+            tracking.client.log_text(tracking.parent_run_id, side_by_side, GENERATIONS_FILE)
     if log_to_mlflow:
         with tempfile.TemporaryDirectory() as staging:
             for plot in plots:
@@ -160,7 +232,7 @@ def write_report(
                 local = Path(staging) / plot.name
                 local.write_bytes(plot.read_bytes())
                 tracking.client.log_artifact(tracking.parent_run_id, str(local), "plots")
-    return table, [out_dir / "results.md", *plots]
+    return table, [out_dir / "results.md", *extra_files, *plots]
 
 
 def report(sweep: str, *, log_to_mlflow: bool = True) -> str:

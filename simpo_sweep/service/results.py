@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from simpo_sweep.service.storage import StorageLocation
-from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.models import GENERATION_METRIC_PREFIX, GENERATION_METRICS, SweepSpec
 from simpo_sweep.spec.space import param_name, searched_keys, spec_with_trial
 from simpo_sweep.trial.outcome import DIAGNOSIS, STEP, TrialOutcome, TrialState
 from simpo_sweep.trial.trainable import sampled_values
@@ -33,6 +33,9 @@ SUMMARY_METRICS = (
     "train/loss",
     "perf/trial_start_to_first_step_s",
     "perf/fit_time_s",
+    # Generation evaluation (engine/generation.py), when the spec turns it on.
+    *(GENERATION_METRIC_PREFIX + name for name in GENERATION_METRICS),
+    "perf/generation_total_s",
 )
 
 

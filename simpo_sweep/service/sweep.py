@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -87,7 +88,9 @@ class SweepOutcome:
 
 
 def new_sweep_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """Readable and unique: two sweeps of one spec started in the same second (two
+    submissions to one cluster, storage and MLflow server) never share a folder or runs."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def quiet_ray(verbose: bool) -> None:

@@ -24,7 +24,7 @@ class LoraSpec(StrictModel):
     """LoRA adapters (peft.LoraConfig): the base model stays frozen in model.dtype."""
 
     r: int = Field(16, gt=0, description="Adapter rank.")
-    alpha: float = Field(32.0, gt=0, description="Scaling numerator: updates scale by alpha/r.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator: updates scale by alpha/r.")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -250,7 +250,9 @@ class EvaluationSpec(StrictModel):
     temperature: float | None = Field(
         None, gt=0, description="Sample at this temperature; not given: greedy decoding."
     )
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling; needs temperature.")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling; needs a temperature."
+    )
     seed: int = Field(0, description="Draws the prompts and seeds sampling.")
     scorer: str = Field(
         NO_SCORER,

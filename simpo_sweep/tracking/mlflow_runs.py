@@ -9,9 +9,11 @@ experiment view.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -22,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -487,3 +490,54 @@ class DatasetRecord:
         )
         tags = [InputTag(key="mlflow.data.context", value=context)]
         client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+
+
+# ---- tables --------------------------------------------------------------------------------
+
+# A trial's generations, one table per evaluation step: generations/step_000150.json.
+GENERATIONS_FOLDER = "generations"
+
+
+def generations_artifact(step: int) -> str:
+    return f"{GENERATIONS_FOLDER}/step_{step:06d}.json"
+
+
+def log_table(
+    client: MlflowClient, run_id: str, columns: Mapping[str, list[Any]], artifact_file: str
+) -> None:
+    """A table artifact as `MlflowClient.log_table` writes it (pandas' "split" JSON, listed
+    in the `mlflow.loggedArtifacts` tag, so the UI shows it as a table), without pandas, and
+    replacing an existing file where log_table would append to it: a retried trial writes the
+    same evaluation again and must not double its rows."""
+    names = list(columns)
+    rows = [list(values) for values in zip(*(columns[name] for name in names), strict=True)]
+    document = {"columns": names, "data": rows}
+    client.log_text(run_id, redact_text(json.dumps(document, ensure_ascii=False)), artifact_file)
+    logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+def read_table(client: MlflowClient, run_id: str, artifact_file: str) -> list[dict[str, Any]]:
+    """The rows of a table written by log_table (or MLflow's own), as dicts."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = client.download_artifacts(run_id, artifact_file, folder)
+        document = json.loads(Path(local).read_text())
+    names = document["columns"]
+    return [dict(zip(names, row, strict=True)) for row in document["data"]]
+
+
+def latest_generations(
+    client: MlflowClient, run_id: str
+) -> tuple[int, list[dict[str, Any]]] | None:
+    """The step and rows of a run's last generations table; None when it has none."""
+    steps = []
+    for entry in client.list_artifacts(run_id, GENERATIONS_FOLDER):
+        name = Path(entry.path).name
+        if name.startswith("step_") and name.endswith(".json"):
+            steps.append(int(name.removeprefix("step_").removesuffix(".json")))
+    if not steps:
+        return None
+    step = max(steps)
+    return step, read_table(client, run_id, generations_artifact(step))

@@ -87,4 +87,6 @@ class WorkerPlan:
     loop_in_trial: bool
     trial_started_at: float
     metric: str
+    # ddp or fsdp, resolved for this trial (resources.strategy; auto by the memory plan)
+    strategy: str = "ddp"
     tracking_env: Mapping[str, str] = field(default_factory=dict, repr=False)

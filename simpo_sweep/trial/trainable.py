@@ -7,7 +7,7 @@ so a retried trial restores from its last checkpoint.
 Single-worker trials use Train's local mode (`num_workers=0`): the loop runs inside the trial
 process, which Tune reuses between trials. That skips the worker-group start (about 20-40 s per
 trial on a 2-core machine) that short demo trials cannot afford. Multi-worker trials start a
-worker group and train with DDP.
+worker group and train with DDP or FSDP (resources.strategy; auto asks the memory plan).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from simpo_sweep.engine.memory import plan_trial, trial_strategy
+from simpo_sweep.spec.loading import Problem, SpecError
+from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.spec.space import flat_params, trial_config
 from simpo_sweep.tracking.mlflow_runs import SweepTracking, trial_index, trial_run_name
 from simpo_sweep.trial.plan import TrialPlan, WorkerPlan
@@ -52,8 +55,26 @@ def _open_child_run(
     return run_id
 
 
+def memory_problems(spec: SweepSpec) -> list[Problem]:
+    """The spec's memory plan against resources.gpu_memory_gb (nothing to check without it,
+    or when the model's config cannot be read: the plan is then unknown, not refused)."""
+    if spec.resources.gpu_memory_gb is None or spec.resources.gpus_per_worker == 0:
+        return []
+    try:
+        memory = plan_trial(spec.model, spec.data, spec.training, spec.resources)
+    except (OSError, ValueError):
+        return []
+    refusal = memory.refusal()
+    return [Problem("resources.gpu_memory_gb", refusal)] if refusal else []
+
+
 def make_trainable(plan: TrialPlan) -> Any:
     placement = plan.placement
+    # A trial that cannot fit its GPU would fail with an out-of-memory error after minutes of
+    # start-up: refuse the sweep instead (validate says the same).
+    problems = memory_problems(plan.spec)
+    if problems:
+        raise SpecError("memory plan", problems)
 
     def run_trial(config: dict[str, Any]) -> None:
         started_at = time.time()
@@ -61,6 +82,9 @@ def make_trainable(plan: TrialPlan) -> Any:
         trial_id = ray.tune.get_context().get_trial_id()
         sampled = sampled_values(config)
         resolved = trial_config(plan.spec, sampled)
+        strategy = trial_strategy(
+            resolved.model, resolved.data, resolved.training, plan.spec.resources
+        )
         worker_plan = WorkerPlan(
             config=resolved,
             data=plan.data,
@@ -69,6 +93,7 @@ def make_trainable(plan: TrialPlan) -> Any:
             loop_in_trial=placement.loop_in_trial,
             trial_started_at=started_at,
             metric=plan.metric,
+            strategy=strategy,
             tracking_env=plan.tracking_env,
         )
         if placement.loop_in_trial:

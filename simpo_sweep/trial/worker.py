@@ -1,7 +1,8 @@
 """The training function every Ray Train worker of a trial runs.
 
-Rank 0 writes the trial's MLflow child run (metrics already averaged over workers by the engine)
-and the checkpoints; every rank reports to Ray at the same steps, because `ray.train.report`
+Rank 0 writes the trial's MLflow child run (metrics already averaged over workers by the engine);
+every rank writes its part of each checkpoint (its DCP shard: Ray merges the ranks' folders into
+one checkpoint) and reports to Ray at the same steps, because `ray.train.report`
 is a barrier. In Train's local mode (a single-worker trial, see trial.trainable) the loop runs
 inside the Tune trial itself and reports through Tune.
 """
@@ -19,11 +20,20 @@ import ray
 import ray.train
 import ray.tune
 import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from simpo_sweep.engine.data import load_prepared
-from simpo_sweep.engine.models import load_model, load_tokenizer
+from simpo_sweep.engine.data import PreparedData, load_prepared
+from simpo_sweep.engine.generation import (
+    GENERATION_TIME,
+    GENERATION_TOTAL_TIME,
+    GenerationEvaluation,
+    GenerationEvaluator,
+    select_prompts,
+)
+from simpo_sweep.engine.models import load_model, load_tokenizer, resolve_precision
+from simpo_sweep.engine.scorers import build_scorer
 from simpo_sweep.engine.train import SimPOTrainer, StepEvent
-from simpo_sweep.tracking.mlflow_runs import MetricLogger
+from simpo_sweep.tracking.mlflow_runs import MetricLogger, generations_artifact, log_table
 from simpo_sweep.trial.outcome import DIAGNOSIS, STEP, VERDICT
 from simpo_sweep.trial.plan import WorkerPlan
 
@@ -59,6 +69,87 @@ class _RayReporting:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
+class _GenerationHook:
+    """The trial's generation evaluation (engine.generation): at the start, at its steps and
+    at the end, on every rank; rank 0 logs each evaluation's table to the child run.
+
+    Its metrics join the step's eval metrics (so they are logged, reported to Tune and kept
+    for later reports like the others), and its degenerate reasons join the step's diagnosis:
+    the trainer has judged the step before its callback runs, so the hook returns the reason
+    to stop, which SimPOTrainer.fit honours.
+    """
+
+    def __init__(
+        self, evaluator: GenerationEvaluator, plan: WorkerPlan, logger: MetricLogger | None
+    ):
+        self.evaluator = evaluator
+        self.plan = plan
+        self.logger = logger
+
+    @classmethod
+    def create(
+        cls,
+        plan: WorkerPlan,
+        prepared: PreparedData,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        logger: MetricLogger | None,
+    ) -> _GenerationHook | None:
+        settings = plan.config.evaluation
+        if not settings.enabled:
+            return None
+        prompts = select_prompts(
+            prepared.eval.prompt_ids,
+            prepared.eval.chosen_ids,
+            tokenizer,
+            num_prompts=settings.num_prompts,
+            seed=settings.seed,
+        )
+        evaluator = GenerationEvaluator(
+            prompts,
+            settings,
+            tokenizer,
+            build_scorer(settings, device),  # a reward model: loaded once, here
+            every=settings.every_steps(plan.config.training),
+            device=device,
+        )
+        return cls(evaluator, plan, logger)
+
+    def _log_table(self, evaluation: GenerationEvaluation) -> None:
+        if self.logger is not None:
+            log_table(
+                self.logger.client,
+                self.logger.run_id,
+                evaluation.table(),
+                generations_artifact(evaluation.step),
+            )
+
+    def start(self, model: torch.nn.Module) -> None:
+        """The generations before any update: the start the verdict compares with. Computed
+        from the freshly loaded model before a checkpoint is restored, so a retried trial
+        compares with the same start."""
+        self._log_table(self.evaluator.set_baseline(model))
+
+    def at_step(self, event: StepEvent, model: torch.nn.Module) -> str | None:
+        if not self.evaluator.due(event.step, event.max_steps):
+            return None
+        evaluation = self.evaluator.evaluate(model, event.step)
+        event.eval_metrics = {
+            **(event.eval_metrics or {}),
+            **evaluation.metrics,
+            GENERATION_TIME: evaluation.seconds,
+            GENERATION_TOTAL_TIME: self.evaluator.total_seconds,
+        }
+        self._log_table(evaluation)
+        reasons = self.evaluator.degenerate_reasons(evaluation)
+        # Every rank holds every record (all_gather_object), so all reach the same verdict
+        # and stop at the same step.
+        event.diagnosis.degenerate.extend(reasons)
+        if reasons and self.plan.config.diagnostics.stop_degenerate:
+            return f"degenerate: {event.diagnosis.summary()}"
+        return None
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     plan: WorkerPlan = loop_config["plan"]
     os.environ.update(plan.tracking_env)  # MLflow's client reads its credentials there
@@ -69,7 +160,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     prepared = ray.get(data.object_ref) if data.object_ref is not None else load_prepared(data.path)
     tokenizer = load_tokenizer(config.model)
     torch.manual_seed(config.training.seed)
-    model = load_model(config.model, tokenizer, device, seed=config.training.seed)
+    precision = resolve_precision(config.training.precision, device)
+    model = load_model(
+        config.model, tokenizer, device, seed=config.training.seed, precision=precision
+    )
     checkpoint_root = Path(tempfile.mkdtemp(prefix="simpo-ckpt-"))
     trainer = SimPOTrainer(
         model,
@@ -81,12 +175,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         pad_token_id=int(tokenizer.pad_token_id),
         device=device,
         checkpoint_root=checkpoint_root,
+        strategy="fsdp" if plan.strategy == "fsdp" else "ddp",
+        checkpoint_info={
+            "model": config.model.name,
+            "lora": config.model.lora.model_dump() if config.model.lora else None,
+        },
     )
     logger = None
     if ray_io.rank == 0 and plan.run_id is not None and plan.tracking_uri is not None:
         logger = MetricLogger(plan.tracking_uri, plan.run_id)
         logger.client.set_tag(plan.run_id, "simpo_sweep.padding_free", str(trainer.packed).lower())
 
+    generations = _GenerationHook.create(plan, prepared, tokenizer, device, logger)
     checkpoint = ray_io.latest_checkpoint()
     last_eval: dict[str, float] = {}
     # Orchestration overhead, as bench/orchestration.py reads it: the time before the first
@@ -100,6 +200,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.log(event.step, {STARTUP: timing[STARTUP]})
         timing[FIT_TIME] = now - fit_started_at
+        stop_reason = generations.at_step(event, trainer.model) if generations else None
         if logger is not None:
             logger.log(event.step, event.metrics)
         if event.eval_metrics:
@@ -129,9 +230,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray_io.report(report, event.checkpoint_dir)
             if event.checkpoint_dir is not None:
                 shutil.rmtree(event.checkpoint_dir, ignore_errors=True)
-        return None
+        return stop_reason
 
     try:
+        if generations is not None:
+            generations.start(trainer.model)
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(Path(directory))
