@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("sweep", help="the sweep's folder, or its id under simpo_runs/")
     report.add_argument("--no-mlflow", action="store_true", help="do not log the plots to MLflow")
 
+    export = commands.add_parser(
+        "export", help="a trial's trained model as a Hugging Face folder (default: the best)"
+    )
+    export.add_argument("sweep", help="the sweep's folder or URI, or its id under simpo_runs/")
+    export.add_argument("--trial", help="the trial id (default: rank 1 of the results)")
+    export.add_argument("--out", help="the folder to write (default: ./<sweep id>-<trial id>)")
+    export.add_argument(
+        "--merge", action="store_true", help="a LoRA trial: merged weights instead of the adapter"
+    )
+
     ui = commands.add_parser("ui", help="the MLflow UI on a sweep's tracking store")
     ui.add_argument("sweep", nargs="?", help="a sweep folder or spec; default: ./simpo_runs")
     ui.add_argument("--port", type=int, default=5000)
@@ -156,6 +166,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from simpo_sweep.service.report import report
 
         print(report(args.sweep, log_to_mlflow=not args.no_mlflow))
+        return EXIT_OK
+    if args.command == "export":
+        from simpo_sweep.service.export import export_trial
+
+        exported = export_trial(args.sweep, trial_id=args.trial, out=args.out, merge=args.merge)
+        kind = "LoRA adapter" if exported.adapter_only else "model"
+        print(
+            f"exported trial {exported.trial.trial_id}'s {kind} to {exported.folder}\n"
+            f"  from {exported.checkpoint}\n"
+            f"  load it: AutoModelForCausalLM.from_pretrained({str(exported.folder)!r})"
+        )
         return EXIT_OK
     if args.command == "ui":
         from simpo_sweep.service.commands import ui_command

@@ -107,7 +107,7 @@ def test_lc_win_rate_removes_a_win_rate_that_comes_from_length_only() -> None:
     differences = rng.normal(8.0, 10.0, size=4000).round()
     wins = (rng.random(4000) < 1 / (1 + np.exp(-0.4 * differences))).astype(float)
     assert wins.mean() > 0.7
-    lc = length_controlled_win_rate(wins.tolist(), (chosen + differences).tolist(), chosen)
+    lc = length_controlled_win_rate(wins.tolist(), (chosen + differences).tolist(), chosen.tolist())
     assert lc == pytest.approx(0.5, abs=0.04)
 
 
@@ -134,7 +134,7 @@ def test_lc_fit_is_the_penalised_maximum_likelihood() -> None:
 
     optimiser.step(objective)
     expected = float(torch.sigmoid(weights[0].detach()))
-    lc = length_controlled_win_rate(wins.tolist(), (chosen + differences).tolist(), chosen)
+    lc = length_controlled_win_rate(wins.tolist(), (chosen + differences).tolist(), chosen.tolist())
     assert lc == pytest.approx(expected, abs=1e-6)
 
 
@@ -332,13 +332,43 @@ def test_two_processes_generate_slices_and_every_rank_gets_all(tmp_path: Path, s
 # ---- in a sweep --------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model after 150 steps with an SFT term: it answers (ends with EOS, at about
+    the chosen length, without repeating), saved with save_pretrained like a hub model."""
+    from simpo_sweep.engine.data import prepare_data
+    from simpo_sweep.engine.train import SimPOTrainer
+    from simpo_sweep.spec.models import DataSpec, ModelSpec, SimPOSpec, TrainingSpec
+
+    folder = tmp_path_factory.mktemp("answering-model")
+    tokenizer = demo.build_demo_tokenizer()
+    prepared = prepare_data(
+        ModelSpec(), DataSpec(max_length=64, max_prompt_length=24), folder / "cache"
+    )
+    model = demo.build_demo_model("builtin:tiny-llama", tokenizer, seed=0)
+    training = TrainingSpec(learning_rate=3e-3, max_steps=150, batch_size=16, eval_every=150)
+    trainer = SimPOTrainer(
+        model,
+        prepared.train,
+        prepared.eval,
+        training=training,
+        simpo=SimPOSpec(sft_weight=1.0),
+        pad_token_id=int(tokenizer.pad_token_id),
+        device="cpu",
+    )
+    trainer.fit()
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder / "model"
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
-    tmp_path: Path,
+    tmp_path: Path, answering_model: Path
 ) -> None:
-    """lr 3e-2 with an SFT term drives the demo model to answer with EOS alone within 10 steps
-    while its loss stays finite (no other verdict sees it); lr 3e-3 trains on. Generation
+    """From a model that answers, lr 3e-2 drives it to answer with EOS alone within 10 steps
+    while its loss stays finite (no other verdict sees it); lr 1e-4 trains on. Generation
     metrics reach Tune and MLflow, every evaluation's generations are a table of the child run,
     and the report puts the top trials' generations side by side."""
     from mlflow.tracking import MlflowClient
@@ -354,6 +384,7 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
     spec = SweepSpec.model_validate(
         {
             "name": "gen",
+            "model": {"name": str(answering_model)},
             "data": {"max_length": 64, "max_prompt_length": 24},
             "training": {"max_steps": 20, "batch_size": 8, "eval_every": 10},
             "simpo": {"sft_weight": 1.0},
@@ -366,7 +397,7 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
             "search": {
                 "algorithm": "grid",
                 "metric": "eval/generation/lc_win_rate",
-                "space": {"learning_rate": {"type": "grid", "values": [3e-3, 3e-2]}},
+                "space": {"learning_rate": {"type": "grid", "values": [1e-4, 3e-2]}},
             },
             "resources": {"num_workers": 1, "cpus_per_worker": 1},
             "storage": {"path": str(storage)},
@@ -374,7 +405,7 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
     )
     outcome = run_sweep(spec, printer=lambda _line: None)
     by_lr = {row.params["learning_rate"]: row for row in outcome.rows}
-    healthy, collapsed = by_lr[3e-3], by_lr[3e-2]
+    healthy, collapsed = by_lr[1e-4], by_lr[3e-2]
     assert (collapsed.state, collapsed.step) == (STATE_DEGENERATE, 10), collapsed.diagnosis
     assert "degenerate generations: they collapsed to" in collapsed.diagnosis
     assert collapsed.metrics["eval/generation/length_tokens"] < 2.0
@@ -382,6 +413,7 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
     assert outcome.best is not None and outcome.best.trial_id == healthy.trial_id
     for name in ("length_tokens", "length_ratio", "repetition", "score", "win_rate"):
         assert f"eval/generation/{name}" in healthy.metrics, name
+    assert healthy.metrics["eval/generation/truncated"] < 0.5
 
     uri = f"sqlite:///{storage.resolve() / 'mlflow.db'}"
     tracking = SweepTracking(uri, "gen", "gen", outcome.sweep_id)

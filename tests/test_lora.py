@@ -61,8 +61,10 @@ def _trainer(
     )
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+def _tensor_bytes(folder: Path) -> int:
+    """The DCP data files' size: the weights and optimizer state (the rest, metadata and the
+    trainer's RNG state, is a few kB whatever the model)."""
+    return sum(path.stat().st_size for path in folder.glob("*.distcp"))
 
 
 def test_lora_learns_the_demo_task_and_checkpoints_only_its_adapters(
@@ -96,10 +98,14 @@ def test_lora_learns_the_demo_task_and_checkpoints_only_its_adapters(
     trainable = {name for name, p in lora.model.named_parameters() if p.requires_grad}
     assert set(saved) == trainable
     assert checkpoint_info(lora_checkpoint)["lora"]["r"] == 8
-    # adapters are 15% of the demo's weights, 1/6 of that with its tied 73-token vocabulary
-    # counted once; the adapters + their AdamW state against the full model + its AdamW state
-    ratio = _folder_bytes(lora_checkpoint) / _folder_bytes(full_checkpoint)
-    assert ratio < 0.25, ratio
+    # Adapters + their AdamW state against the whole model + its AdamW state. On the demo,
+    # whose 64-wide layers make rank 8 large, the adapters are 17% of the weights (23.5k of
+    # 141k) and their files 27% (DCP adds ~2 kB per tensor: 112 small ones against 84);
+    # for rank 16 on Llama-3-8B's attention they are 0.17%.
+    whole = load_full_model_state(full_checkpoint)
+    assert sum(t.numel() for t in saved.values()) < 0.2 * sum(t.numel() for t in whole.values())
+    ratio = _tensor_bytes(lora_checkpoint) / _tensor_bytes(full_checkpoint)
+    assert ratio < 0.3, ratio
 
 
 def _lora_worker(rank: int, world: int, job: dict[str, Any]) -> None:

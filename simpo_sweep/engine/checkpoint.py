@@ -46,8 +46,9 @@ FORMAT_VERSION = 1
 _DCP_METADATA = ".metadata"
 
 # Frozen parameters (the base model under LoRA) are not saved: they are the model's own and
-# would make every checkpoint as large as the model.
-_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# would make every checkpoint as large as the model. strict=False on loading: DCP has already
+# refused any key the checkpoint lacks, and the frozen ones are meant to be absent.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class IncompleteCheckpointError(ValueError):
@@ -63,6 +64,23 @@ def _world() -> tuple[int, int]:
 def _barrier() -> None:
     if _world()[1] > 1:
         dist.barrier()
+
+
+def _trained_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model (trainable weights only) and optimizer state dicts, keyed by plain names.
+
+    ignore_frozen_params misses a frozen weight's second name (a tied LM head under LoRA:
+    named_parameters() lists a shared weight once), so every name of a frozen one is dropped.
+    """
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    frozen = {
+        name
+        for name, parameter in model.named_parameters(remove_duplicate=False)
+        if not parameter.requires_grad
+    }
+    return {k: v for k, v in model_state.items() if k not in frozen}, dict(optimizer_state)
 
 
 def save_checkpoint(
@@ -83,7 +101,7 @@ def save_checkpoint(
         shutil.rmtree(directory)
     _barrier()
     directory.mkdir(parents=True, exist_ok=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    model_state, optimizer_state = _trained_state(model, optimizer)
     dcp.save(
         {"model": model_state, "optimizer": optimizer_state},
         checkpoint_id=directory,
@@ -136,7 +154,7 @@ def load_checkpoint(
     """Weights and optimizer state into `model` and `optimizer` (sharded as they are now, on
     the same number of ranks for FSDP); returns the trainer state. Every rank calls it."""
     checkpoint_info(directory)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    model_state, optimizer_state = _trained_state(model, optimizer)
     # In place: DCP reads each rank's shard into the tensors (DTensors) given here.
     dcp.load(
         {"model": model_state, "optimizer": optimizer_state},

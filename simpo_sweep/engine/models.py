@@ -131,7 +131,11 @@ def load_model(
     if model.lora is not None:
         from simpo_sweep.engine.lora import apply_lora
 
-        loaded = apply_lora(loaded, model.lora)  # type: ignore[assignment]
+        # peft draws lora_A from the global RNG: seeded (in a fork), the same seed gives the
+        # same adapters in every process, as it gives the same built-in model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = apply_lora(loaded, model.lora)  # type: ignore[assignment]
     if model.gradient_checkpointing:
         # Non-reentrant checkpointing works with inputs that do not require grad and with DDP.
         options = {"use_reentrant": False}

@@ -130,6 +130,14 @@ def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
     best = outcome.best
     knobs = ", ".join(f"{name}={value}" for name, value in best.params.items())
     print(f"best trial {best.trial_id}: {spec.search.metric} = {best.metric:.4f} ({knobs})")
+    cost = outcome.cost
+    if cost is not None and cost.per_trial:
+        share = cost.saved_by_early_stops / (cost.total + cost.saved_by_early_stops)
+        print(
+            f"cost: {cost.total:.3g} {cost.unit}-hours in all; early stops saved "
+            f"{cost.saved_by_early_stops:.3g} ({share:.0%}) against every trial run to max_steps; "
+            f"checkpoints hold {outcome.checkpoint_bytes / 1e6:.0f} MB"
+        )
     for line in generation_score_lines(spec, outcome.rows, best):
         print(line)
     for name, path in outcome.files.items():

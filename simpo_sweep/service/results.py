@@ -49,6 +49,44 @@ class TrialRow:
     params: dict[str, Any]  # the searched knobs, flat names
     sampled: dict[str, Any]  # full config paths -> values, as Tune sampled them
     metrics: dict[str, float] = field(default_factory=dict)
+    wall_s: float | None = None  # the trial's running time, as Tune measured it
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a sweep's trials held, in the resource users pay for: GPU-hours (CPU-hours on
+    CPU) = workers x resources per worker x wall time; and what ASHA's early stops saved
+    against running every stopped trial to max_steps at its own pace."""
+
+    unit: str  # "GPU" or "CPU"
+    per_trial: dict[str, float]
+    total: float
+    saved_by_early_stops: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.unit.lower()}_hours"
+
+
+def resources_held(spec: SweepSpec) -> tuple[str, float]:
+    resources = spec.resources
+    if resources.gpus_per_worker > 0:
+        return "GPU", resources.num_workers * resources.gpus_per_worker
+    return "CPU", resources.num_workers * resources.cpus_per_worker + resources.driver_cpus
+
+
+def sweep_cost(spec: SweepSpec, rows: Iterable[TrialRow]) -> Cost:
+    unit, held = resources_held(spec)
+    per_trial: dict[str, float] = {}
+    saved = 0.0
+    for row in rows:
+        if row.wall_s is None:
+            continue
+        hours = held * row.wall_s / 3600
+        per_trial[row.trial_id] = hours
+        if row.state == TrialState.STOPPED_EARLY and row.step > 0:
+            saved += hours * (spec.training.max_steps - row.step) / row.step
+    return Cost(unit, per_trial, sum(per_trial.values()), saved)
 
 
 def trial_rows(spec: SweepSpec, results: Any, outcomes: dict[str, TrialOutcome]) -> list[TrialRow]:
@@ -82,6 +120,11 @@ def trial_rows(spec: SweepSpec, results: Any, outcomes: dict[str, TrialOutcome])
                     for key in SUMMARY_METRICS
                     if isinstance(metrics.get(key), int | float)
                 },
+                wall_s=(
+                    float(metrics["time_total_s"])
+                    if isinstance(metrics.get("time_total_s"), int | float)
+                    else None
+                ),
             )
         )
     return rank_rows(spec, rows)
@@ -159,10 +202,20 @@ def results_csv(spec: SweepSpec, rows: list[TrialRow]) -> str:
     # The ranking metric has its own column, after the state.
     metric_names = sorted({key for row in rows for key in row.metrics} - {spec.search.metric})
     knobs = list(rows[0].params) if rows else []
+    cost = sweep_cost(spec, rows)
     with io.StringIO(newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["trial_id", "state", "step", spec.search.metric, *knobs, *metric_names, "diagnosis"]
+            [
+                "trial_id",
+                "state",
+                "step",
+                spec.search.metric,
+                *knobs,
+                *metric_names,
+                cost.name,
+                "diagnosis",
+            ]
         )
         for row in rows:
             writer.writerow(
@@ -173,10 +226,15 @@ def results_csv(spec: SweepSpec, rows: list[TrialRow]) -> str:
                     row.metric,
                     *(row.params.get(k) for k in knobs),
                     *(row.metrics.get(m) for m in metric_names),
+                    _hours(cost.per_trial.get(row.trial_id)),
                     row.diagnosis,
                 ]
             )
         return handle.getvalue()
+
+
+def _hours(hours: float | None) -> str:
+    return "" if hours is None else f"{hours:.4g}"
 
 
 def _usable(row: TrialRow) -> bool:

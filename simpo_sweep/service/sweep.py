@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,12 +30,22 @@ from ray import tune
 
 from simpo_sweep.engine.data import PreparedData, prepare_data
 from simpo_sweep.service.errors import SweepError
+from simpo_sweep.service.export import (
+    EXPORT_FOLDER,
+    ExportedModel,
+    checkpoint_bytes,
+    export_to,
+    read_trials,
+    register_best,
+)
 from simpo_sweep.service.progress import LiveView, SweepProgress, read_outcomes
 from simpo_sweep.service.report import write_report
 from simpo_sweep.service.results import (
     STATE_UNFINISHED,
+    Cost,
     TrialRow,
     best_row,
+    sweep_cost,
     trial_rows,
     write_results,
 )
@@ -78,6 +89,9 @@ class SweepOutcome:
     rows: list[TrialRow]
     best: TrialRow | None
     files: dict[str, StorageLocation] = field(default_factory=dict)
+    cost: Cost | None = None
+    checkpoint_bytes: int = 0  # what the trials' checkpoints hold on storage
+    exported: ExportedModel | None = None
 
     @property
     def sweep_dir(self) -> Path:
@@ -209,6 +223,8 @@ def _tuner(
             name=tune_dir.name,
             storage_path=tune_dir.parent.uri,
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            # Single-worker trials checkpoint through Tune: the same retention as Train's.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
             callbacks=[progress],
             verbose=0,
         ),
@@ -348,12 +364,17 @@ def run_sweep(
 
     status = "interrupted" if interrupted else "completed"
     files = write_results(stage_spec, rows, sweep_dir)
+    cost = sweep_cost(stage_spec, rows)
+    best = best_row(rows)
+    exported = None
+    if status == "completed" and best is not None and spec.export.best:
+        printer(f"exporting the best trial {best.trial_id} ...")
+        exported = export_best(stage_spec, sweep_dir, best, tracking, printer)
     if tracking is not None:
         for row in rows:
             run_id = tracking.run_id_for(row.trial_id) if row.state == STATE_UNFINISHED else None
             if run_id is not None:
                 tracking.finish_trial(run_id, row.state, row.diagnosis)
-        best = best_row(rows)
         tracking.log_sweep_summary(
             spec.search.metric,
             best.metric if best is not None else None,
@@ -361,6 +382,7 @@ def run_sweep(
             best.params if best is not None else {},
             Counter(row.state for row in rows),
         )
+        log_cost(tracking, cost, checkpoint_bytes(sweep_dir))
         if rows:
             files.update(
                 (f"report/{location.name}", location)
@@ -374,7 +396,63 @@ def run_sweep(
                 if location.name.rsplit(".", 1)[-1] in {"md", "csv", "yaml"} and "/" not in name
             },
         )
-    return SweepOutcome(sweep_id, sweep_dir, status, rows, best_row(rows), files)
+    return SweepOutcome(
+        sweep_id,
+        sweep_dir,
+        status,
+        rows,
+        best,
+        files,
+        cost=cost,
+        checkpoint_bytes=checkpoint_bytes(sweep_dir),
+        exported=exported,
+    )
+
+
+def export_best(
+    spec: SweepSpec,
+    sweep_dir: StorageLocation,
+    best: TrialRow,
+    tracking: SweepTracking | None,
+    printer: Printer,
+) -> ExportedModel:
+    """The winner as a Hugging Face folder under <sweep>/export/, logged to its trial's run
+    and registered (models:/NAME/VERSION) when the spec asks for it."""
+    trial = next(
+        record for record in read_trials(spec, sweep_dir) if record.trial_id == best.trial_id
+    )
+    local = sweep_dir.local_path
+    with tempfile.TemporaryDirectory(prefix="simpo-export-") as staging:
+        target = (local or Path(staging)) / EXPORT_FOLDER / best.trial_id
+        exported = export_to(spec, sweep_dir, trial, target, merge=spec.export.merge_lora)
+        if local is None:  # a bucket sweep keeps its export in the bucket too
+            (sweep_dir / EXPORT_FOLDER / best.trial_id).upload_folder(target)
+        printer(f"exported {best.trial_id} to {sweep_dir / EXPORT_FOLDER / best.trial_id}")
+        run_id = tracking.run_id_for(best.trial_id) if tracking is not None else None
+        if spec.export.register_model and run_id is not None:
+            name = spec.export.model_name or spec.experiment_name
+            version = register_best(spec, sweep_dir, exported, run_id, name)
+            printer(f"registered in MLflow as models:/{name}/{version}")
+    return exported
+
+
+def log_cost(tracking: SweepTracking, cost: Cost, held_bytes: int) -> None:
+    """Each trial's resource-hours on its run; the sweep's total, what early stops saved and
+    the disk its checkpoints hold on the parent."""
+    now = int(time.time() * 1000)
+    key = f"cost/{cost.name}"
+    for trial_id, hours in cost.per_trial.items():
+        run_id = tracking.run_id_for(trial_id)
+        if run_id is not None:
+            tracking.client.log_batch(run_id, metrics=[Metric(key, hours, now, 0)])
+    tracking.client.log_batch(
+        tracking.parent_run_id,
+        metrics=[
+            Metric(key, cost.total, now, 0),
+            Metric(f"cost/{cost.name}_saved_by_early_stops", cost.saved_by_early_stops, now, 0),
+            Metric("storage/checkpoint_gb", held_bytes / 1e9, now, 0),
+        ],
+    )
 
 
 def dataset_record(spec: SweepSpec, prepared: PreparedData) -> DatasetRecord:

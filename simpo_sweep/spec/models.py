@@ -125,6 +125,12 @@ class TrainingSpec(StrictModel):
     eval_every: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
     eval_batch_size: int = Field(32, gt=0)
     checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(
+        2,
+        gt=0,
+        description="Checkpoints kept per trial: the last K (the final one among them); a "
+        "sweep of 48 8B trials must not fill a disk.",
+    )
     seed: int = 0
     precision: Literal["auto", "bf16-mixed", "fp32", "bf16-true"] = Field(
         "auto",
@@ -486,6 +492,21 @@ class StorageSpec(StrictModel):
     )
 
 
+class ExportSpec(StrictModel):
+    """What the sweep hands back at its end: the winning model, out of the checkpoints."""
+
+    best: bool = Field(
+        False,
+        description="Export the best trial as a Hugging Face folder (<sweep>/export/<trial>), "
+        "log it to the trial's MLflow run and register it.",
+    )
+    register_model: bool = Field(True, description="Register the exported model in MLflow.")
+    model_name: str | None = Field(
+        None, description="Registered model name; default: the MLflow experiment's name."
+    )
+    merge_lora: bool = Field(False, description="A LoRA trial: merged weights, not the adapter.")
+
+
 class SweepSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -498,6 +519,7 @@ class SweepSpec(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
 
     @property
     def experiment_name(self) -> str:

@@ -118,7 +118,9 @@ def make_trainable(plan: TrialPlan) -> Any:
                 name=f"{plan.sweep_id}-{trial_id}",
                 storage_path=plan.train_storage,
                 failure_config=ray.train.FailureConfig(max_failures=placement.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=plan.spec.training.keep_checkpoints
+                ),
                 callbacks=callbacks,
             ),
         )
