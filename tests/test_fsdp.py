@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -304,11 +305,17 @@ def test_killed_fsdp_worker_resumes_from_its_sharded_checkpoint(tmp_path: Path) 
     while not _results(storage) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _results(storage), "no result before the deadline"
-    # A Train worker of this trial (the actors named RayTrainWorker), not the trial driver.
-    actors = ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-    workers = [actor for actor in actors if "RayTrainWorker" in actor["class_name"]]
-    assert workers, [actor["class_name"] for actor in actors]
-    os.kill(int(workers[-1]["pid"]), signal.SIGKILL)
+    # A Train worker of this trial, not the trial driver: a process titled RayTrainWorker
+    # under this session's own raylet (other Ray instances may run on the machine).
+    node: Any = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    workers = [
+        child
+        for child in psutil.Process(raylet).children(recursive=True)
+        if "RayTrainWorker" in " ".join(child.cmdline())
+    ]
+    assert len(workers) >= 2, [" ".join(child.cmdline()) for child in workers]
+    os.kill(workers[-1].pid, signal.SIGKILL)
     runner.join(timeout=900)
     assert outcome, "the sweep did not finish"
     (row,) = outcome[0].rows

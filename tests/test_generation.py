@@ -440,3 +440,42 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
     assert rows[0]["prompt"] in side_by_side and healthy.trial_id in side_by_side
     parent_files = [entry.path for entry in client.list_artifacts(tracking.parent_run_id)]
     assert GENERATIONS_FILE in parent_files
+
+
+# ---- the spec ----------------------------------------------------------------------------------
+
+
+def test_generation_metrics_are_search_metrics_only_where_they_are_measured() -> None:
+    from pydantic import ValidationError
+
+    from simpo_sweep.spec.models import SweepSpec
+
+    def spec(metric: str, evaluation: dict[str, object], **search: object) -> SweepSpec:
+        return SweepSpec.model_validate(
+            {
+                "name": "s",
+                "training": {"max_steps": 100, "eval_every": 25},
+                "evaluation": evaluation,
+                "search": {"metric": metric, **search},
+            }
+        )
+
+    rule = {"enabled": True, "scorer": "builtin:rule"}
+    asha = {"scheduler": {"type": "asha", "grace_period": 50}}
+    assert (
+        spec("eval/generation/lc_win_rate", rule, **asha).evaluation.every_steps(
+            SweepSpec(name="s").training
+        )
+        == 25
+    )
+    assert spec("eval/generation/repetition", {"enabled": True}, mode="min")
+    for metric, evaluation, search, message in [
+        ("eval/generation/score", {"enabled": False}, {}, "needs evaluation.enabled"),
+        ("eval/generation/win_rate", {"enabled": True}, {}, "needs a scorer"),
+        ("eval/generation/winrate", rule, {}, "no generation metric"),
+        ("eval/generation/score", {**rule, "every": 75}, asha, "after ASHA's grace period"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            spec(metric, evaluation, **search)
+    with pytest.raises(ValidationError, match="give a temperature too"):
+        EvaluationSpec(top_p=0.9)
