@@ -351,6 +351,9 @@ def test_mlflow_server_recipe() -> None:
     assert f"FROM {container['image']}" in dockerfile
     assert "--backend-store-uri postgresql://" in args  # a database, not a file store
     assert "--artifacts-destination s3://" in args and "--serve-artifacts" in args
+    assert "--app-name basic-auth" in args  # nobody reaches the runs without a password
+    env_names = {item["name"] for item in container["env"]}
+    assert {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= env_names
     uri = _mlflow_service_uri()
     port = uri.rsplit(":", 1)[1]
     assert f"--port {port}" in args and "--host 0.0.0.0" in args
