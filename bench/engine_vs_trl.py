@@ -344,7 +344,7 @@ def run_ours(
         max_steps=preset.warmup + preset.steps,
         batch_size=preset.pairs,
         max_grad_norm=1.0,
-        mixed_precision="bf16" if device.type == "cuda" else "no",
+        precision="bf16-mixed" if device.type == "cuda" else "fp32",
         padding_free="auto",
         logprob_chunk_tokens=chunk,
     )

@@ -426,3 +426,22 @@ def test_ranking_puts_failed_degenerate_and_metricless_trials_last(mode: str) ->
     assert set(ranked[3:]) == {"failed", "degenerate", "no-metric"}
     best = best_row(rank_rows(spec, rows))
     assert best is not None and best.trial_id == "interrupted"
+
+
+def test_lora_fields_are_searchable_like_any_other() -> None:
+    text = (
+        "name: lora\nmodel: {lora: {r: 8}}\nsearch:\n  space:\n"
+        "    model.lora.r: {type: choice, values: [4, 16]}\n"
+        "    model.lora.alpha: {type: choice, values: [8, 32]}\n"
+    )
+    spec = parse_spec(text)
+    assert searched_keys(spec) == ["model.lora.r", "model.lora.alpha"]
+    resolved = trial_config(spec, {"model.lora.r": 16, "model.lora.alpha": 8})
+    assert resolved.model.lora is not None
+    assert (resolved.model.lora.r, resolved.model.lora.alpha) == (16, 8)
+    assert flat_params(resolved)["model.lora.r"] == 16
+    # An impossible rank is refused where it is written, like any other knob.
+    with pytest.raises(SpecError, match=r"model\.lora\.r: value 0 is impossible"):
+        parse_spec(text.replace("values: [4, 16]", "values: [0, 16]"))
+    with pytest.raises(SpecError, match="not a searchable config field"):
+        parse_spec(text.replace("model.lora.r:", "model.lora.rank:"))

@@ -36,8 +36,13 @@ VARLEN_ATTENTION = frozenset(
 # (checked in tests/test_logps_paths.py): pack into rows bounded by the longest sequence.
 DENSE_MASK_ATTENTION = frozenset({"sdpa", "eager"})
 
-Layout = Literal["packed_one_row", "packed_rows", "padded"]
+Layout = Literal["packed_one_row", "packed_rows", "padded", "shared_prefix"]
 PaddingFree = Literal["auto", "on", "off"]
+PrefixSharing = Literal["auto", "on", "off"]
+# Attention implementations that take a custom 4D mask as given (transformers' masking_utils
+# returns a 4D attention_mask unchanged): sdpa reads a boolean one, eager an additive float one
+# (PolicyLogps converts). Varlen kernels take no mask, so they cannot express shared prefixes.
+SHARED_PREFIX_ATTENTION = DENSE_MASK_ATTENTION
 
 
 def packing_layout(attn_implementation: str | None) -> Layout:
@@ -49,13 +54,33 @@ def packing_layout(attn_implementation: str | None) -> Layout:
     return "padded"
 
 
-def choose_layout(padding_free: PaddingFree, attn_implementation: str | None) -> Layout:
+def choose_layout(
+    padding_free: PaddingFree,
+    attn_implementation: str | None,
+    prefix_sharing: PrefixSharing = "off",
+) -> Layout:
     """The layout a trainer collates in (TrainingSpec.padding_free), logged with the reason.
+
+    `prefix_sharing` (TrainingSpec.prefix_sharing) `on` collates "shared_prefix" (the prompt
+    once per pair, see `collate_shared_prefix`) and refuses an attention that takes no custom
+    4D mask; `auto` is off for now: on CPU it was not measured faster than packed rows
+    (bench/README.md, "Prefix sharing"), and the dense mask grows with the pair's length squared.
 
     `auto` packs exactly where `packing_layout` knows the attention honours packed position
     ids and pads otherwise; `on` insists on packing and refuses an attention implementation
     that might silently attend across sequence boundaries; `off` always pads.
     """
+    if prefix_sharing == "on":
+        if attn_implementation not in SHARED_PREFIX_ATTENTION:
+            raise ValueError(
+                f"prefix_sharing=on needs an attention implementation that takes a custom 4D "
+                f"mask ({sorted(SHARED_PREFIX_ATTENTION)}), not {attn_implementation!r}"
+            )
+        logger.info(
+            "batch layout shared_prefix (prefix_sharing=on): prompt + chosen + rejected in one "
+            "sequence per pair, the prompt computed once"
+        )
+        return "shared_prefix"
     if padding_free == "off":
         layout: Layout = "padded"
         reason = "padding_free=off"
@@ -95,8 +120,9 @@ class PairBatch:
     input_ids: torch.Tensor  # [rows, length]
     labels: torch.Tensor  # [rows, length], IGNORE_INDEX outside responses
     sequence_ids: torch.Tensor  # [rows, length], which sequence each position belongs to (-1: pad)
-    attention_mask: torch.Tensor | None  # padded layout
-    position_ids: torch.Tensor | None  # packed layout
+    # padded layout: [rows, length] 0/1; shared_prefix layout: [rows, 1, length, length] bool
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None  # packed and shared_prefix layouts
     num_pairs: int
     # real (non-padding) tokens, counted on the CPU at collate time: reading it never waits for
     # the device
@@ -105,6 +131,10 @@ class PairBatch:
     # longest sequence, handed to varlen kernels so that they need no device-to-host sync
     cu_seq_lens: torch.Tensor | None = None
     max_length: int | None = None
+    # shared_prefix layout: [rows, length], the position whose hidden state predicts the token
+    # at each position (t - 1 everywhere else; the first rejected token is predicted from the
+    # prompt's last token, not from the chosen response's last one). None: t - 1.
+    predicted_from: torch.Tensor | None = None
 
     def model_inputs(self) -> dict[str, torch.Tensor | int]:
         inputs: dict[str, torch.Tensor | int] = {"input_ids": self.input_ids}
@@ -132,6 +162,7 @@ class PairBatch:
             num_tokens=self.num_tokens,
             cu_seq_lens=move(self.cu_seq_lens),
             max_length=self.max_length,
+            predicted_from=move(self.predicted_from),
         )
 
 
@@ -251,8 +282,119 @@ def collate_packed(
     )
 
 
+def collate_shared_prefix(examples: Sequence[PairExample], pad_token_id: int = 0) -> PairBatch:
+    """prompt + chosen + rejected as one sequence per pair, the prompt computed once.
+
+    Rows are pairs, right-padded to the longest. The 4D boolean mask (True: may attend) is
+    causal over prompt + chosen; rejected tokens attend the prompt and, causally, each other,
+    never a chosen token. Position ids restart at len(prompt) for the rejected branch, so its
+    rotary positions, and with the mask its whole computation, equal the unshared path's.
+    Padding attends only itself (a fully masked sdpa row would be NaN). Sequence ids and the
+    order of ResponseLogps are the other layouts': chosen of pair i is i, its rejected
+    num_pairs + i. `num_tokens` counts the prompt twice, as the other layouts do, so that
+    tokens/s stays comparable across layouts (the model runs over the prompt once).
+    """
+    num_pairs = len(examples)
+    _sequences(examples)  # the same empty prompt/response check as the other layouts
+    lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+    width = max(lengths)
+    shape = (num_pairs, width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.arange(width, dtype=torch.long).repeat(num_pairs, 1)
+    predicted_from = (torch.arange(width, dtype=torch.long) - 1).clamp_min(0).repeat(num_pairs, 1)
+    # part of each position: 0 prompt, 1 chosen, 2 rejected, -1 padding
+    part = torch.full(shape, -1, dtype=torch.long)
+    for row, example in enumerate(examples):
+        prompt, chosen = list(example.prompt_ids), list(example.chosen_ids)
+        rejected = list(example.rejected_ids)
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+        labels[row, p : p + c] = torch.tensor(chosen, dtype=torch.long)
+        labels[row, p + c : p + c + r] = torch.tensor(rejected, dtype=torch.long)
+        sequence_ids[row, : p + c] = row
+        sequence_ids[row, p + c : p + c + r] = num_pairs + row
+        position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
+        predicted_from[row, p + c] = p - 1
+        part[row, :p], part[row, p : p + c], part[row, p + c : p + c + r] = 0, 1, 2
+    index = torch.arange(width)
+    causal = index[None, :, None] >= index[None, None, :]  # [1, q, k]
+    real = part >= 0
+    rejected_to_chosen = (part[:, :, None] == 2) & (part[:, None, :] == 1)
+    mask = causal & real[:, :, None] & real[:, None, :] & ~rejected_to_chosen
+    mask |= torch.eye(width, dtype=torch.bool)[None]
+    return PairBatch(
+        input_ids,
+        labels,
+        sequence_ids,
+        mask[:, None],
+        position_ids,
+        num_pairs,
+        sum(lengths) + sum(len(e.prompt_ids) for e in examples),
+        predicted_from=predicted_from,
+    )
+
+
+def pair_tokens(example: PairExample, layout: Layout) -> int:
+    """Token positions a pair occupies in `layout` (padding aside): its cost for a budget."""
+    prompt, chosen, rejected = (
+        len(example.prompt_ids),
+        len(example.chosen_ids),
+        len(example.rejected_ids),
+    )
+    if layout == "shared_prefix":
+        return prompt + chosen + rejected
+    return 2 * prompt + chosen + rejected
+
+
+def token_budget_micro_batches(
+    order: Sequence[int], tokens: Sequence[int], max_tokens: int
+) -> list[list[int]]:
+    """Consecutive runs of `order` whose pairs hold at most `max_tokens` tokens together.
+
+    `tokens[i]` is pair i's cost (`pair_tokens`). Order is kept (the epoch's shuffle, or its
+    length grouping, stays the caller's); a pair longer than the budget on its own gets a
+    micro-batch to itself rather than being dropped. Micro-batches then hold different pair
+    counts: a step must weight each one's per-pair mean loss by its share of the step's pairs
+    (`pair_weighted_loss`), not divide by the number of micro-batches.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index in order:
+        cost = tokens[index]
+        if current and used + cost > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += cost
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pair_weighted_loss(
+    micro_batch_loss: torch.Tensor, micro_batch_pairs: int, step_pairs: int
+) -> torch.Tensor:
+    """What to backpropagate for one micro-batch so that a step's gradient is the pair mean.
+
+    `micro_batch_loss` is a mean over the micro-batch's pairs (simpo_objective's); the step
+    mean over all its pairs is sum_i loss_i * pairs_i / step_pairs. With equal pair counts this
+    is the usual loss / accumulation steps. Under DDP `step_pairs` is the step's pair count
+    over all ranks and the result is multiplied by the world size (DDP averages gradients).
+    """
+    if step_pairs <= 0:
+        raise ValueError(f"step_pairs must be > 0, got {step_pairs}")
+    return micro_batch_loss * (micro_batch_pairs / step_pairs)
+
+
 def collate_layout(examples: Sequence[PairExample], layout: Layout, pad_token_id: int) -> PairBatch:
     """Collate in a layout from `choose_layout` / `packing_layout`."""
+    if layout == "shared_prefix":
+        return collate_shared_prefix(examples, pad_token_id)
     if layout == "packed_one_row":
         return collate_packed(examples, pad_token_id=pad_token_id)
     if layout == "packed_rows":

@@ -339,18 +339,46 @@ class PolicyLogps(nn.Module):
             fused = self._fused_by_device_type[device.type] = fused_softmax_available(device)
         return fused
 
+    def _as_model_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A boolean 4D mask as the model's attention reads it (transformers passes it as is).
+
+        sdpa takes booleans (True: attend); eager adds the mask to the scores, so it needs 0 /
+        the dtype's minimum, in the weights' floating dtype.
+        """
+        config = getattr(self.model, "config", None)
+        if getattr(config, "_attn_implementation", None) != "eager":
+            return mask
+        dtype = next(
+            (p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32
+        )
+        if torch.is_autocast_enabled(mask.device.type):
+            dtype = torch.get_autocast_dtype(mask.device.type)
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return additive.masked_fill_(~mask, torch.finfo(dtype).min)
+
     def forward(self, batch: PairBatch) -> ResponseLogps:
-        # position t predicts token t+1: responses are read off the shifted labels
-        shifted_labels = batch.labels[:, 1:]
-        response_mask = shifted_labels != IGNORE_INDEX
-        rows, positions = response_mask.nonzero(as_tuple=True)
-        targets = shifted_labels[rows, positions]
-        sequence_of_token = batch.sequence_ids[:, 1:][rows, positions]
+        if batch.predicted_from is None:
+            # position t predicts token t+1: responses are read off the shifted labels
+            shifted_labels = batch.labels[:, 1:]
+            response_mask = shifted_labels != IGNORE_INDEX
+            rows, positions = response_mask.nonzero(as_tuple=True)
+            targets = shifted_labels[rows, positions]
+            sequence_of_token = batch.sequence_ids[:, 1:][rows, positions]
+        else:
+            # shared prefix: the token at t is predicted from predicted_from[t] (t - 1, except
+            # the first rejected token, predicted from the prompt's last position)
+            rows, label_positions = (batch.labels != IGNORE_INDEX).nonzero(as_tuple=True)
+            targets = batch.labels[rows, label_positions]
+            sequence_of_token = batch.sequence_ids[rows, label_positions]
+            positions = batch.predicted_from[rows, label_positions]
         model_inputs = batch.model_inputs()
+        mask = model_inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.dtype == torch.bool:
+            model_inputs["attention_mask"] = self._as_model_mask(mask)
 
         if self.response_only:
             decoder = self.model.get_decoder()  # type: ignore[operator]
-            hidden = decoder(**model_inputs, use_cache=False).last_hidden_state[:, :-1]
+            hidden = decoder(**model_inputs, use_cache=False).last_hidden_state
             head = self.model.get_output_embeddings()  # type: ignore[operator]
             response_hidden = hidden[rows, positions]
             token_logps, mean_logits = _ChunkedResponseLogps.apply(
@@ -361,7 +389,7 @@ class PolicyLogps(nn.Module):
                 self._use_fused_softmax(response_hidden.device),
             )
         else:
-            logits = self.model(**model_inputs, use_cache=False).logits[:, :-1][rows, positions]
+            logits = self.model(**model_inputs, use_cache=False).logits[rows, positions]
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
             mean_logits = logits.detach().float().mean(-1)

@@ -107,7 +107,7 @@ def diagnose(
                 f"numerical instability: positive log-prob (chosen {chosen:.3g}, "
                 f"rejected {rejected:.3g}) at step {step}; a log-probability cannot exceed 0, "
                 "so the computation is broken, not the hyperparameters: try model.dtype "
-                "float32, training.mixed_precision no or training.padding_free off"
+                "float32, training.precision fp32 or training.padding_free off"
             )
         elif length_averaged and start is not None:
             chosen_drop, rejected_drop = start.chosen - chosen, start.rejected - rejected

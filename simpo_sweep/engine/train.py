@@ -197,7 +197,7 @@ class SimPOTrainer:
         self.model = _hold_weights(model.to(self.device), self.precision)
         # `layout` overrides the choice from padding_free and the attention implementation.
         self.layout: Layout = layout or choose_layout(
-            training.padding_free, self._attention_implementation()
+            training.padding_free, self._attention_implementation(), training.prefix_sharing
         )
         if training.compile_layers:
             _compile_decoder_layers(self.model)

@@ -76,7 +76,7 @@ from simpo_sweep.tracking.mlflow_runs import (
 )
 from simpo_sweep.tracking.redact import redact_text
 from simpo_sweep.trial.plan import DataLocation, TrialPlan
-from simpo_sweep.trial.trainable import make_trainable
+from simpo_sweep.trial.trainable import make_trainable, memory_problems
 
 Printer = Callable[[str], None]
 
@@ -170,6 +170,7 @@ def check_cluster(spec: SweepSpec, storage: StorageLocation, uri: str | None) ->
     """Refuse what can never work on the connected cluster, before anything is recorded."""
     nodes = alive_nodes()
     problems = check_resources(spec, cluster_resources(nodes), "the Ray cluster")
+    problems += memory_problems(spec)  # a trial that cannot fit its GPUs never starts
     hosts = {node["NodeManagerAddress"] for node in nodes}
     if len(hosts) > 1:
         # Several machines: what trials write must be reachable from every one of them.

@@ -21,6 +21,7 @@ from simpo_sweep.spec.space import (
     domain_values_to_check,
     resolve_key,
     searchable_paths,
+    set_path,
     why_not_searchable,
 )
 
@@ -185,11 +186,14 @@ def _space_problems(
             continue
         if domain is None:
             continue
-        section, _, name = path.partition(".")
+        section, _, field_path = path.partition(".")
+        name = field_path.split(".")[0]
         section_model = SweepSpec.model_fields[section].annotation
         assert isinstance(section_model, type) and issubclass(section_model, BaseModel)
         for value in domain_values_to_check(domain):
-            candidate = {**spec_base.get(section, {}), name: value}
+            sections = {section: dict(spec_base.get(section, {}))}
+            set_path(sections, path, value)
+            candidate = sections[section]
             if section == "simpo":
                 # Judge the field alone: cross-field rules depend on the other sampled values.
                 candidate = {name: value}

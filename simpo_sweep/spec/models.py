@@ -151,6 +151,13 @@ class TrainingSpec(StrictModel):
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto", description="Pack chosen+rejected without padding where the attention allows."
     )
+    prefix_sharing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "on: prompt + chosen + rejected as one sequence per pair under a 4D mask, the prompt "
+            "computed once (sdpa/eager only); auto: off (not measured faster on CPU yet)."
+        ),
+    )
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="Response tokens projected through the LM head at once."
     )

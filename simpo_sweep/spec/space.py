@@ -53,18 +53,47 @@ def _section_fields(section: str) -> dict[str, Any]:
     return dict(model.model_fields)
 
 
+def _sub_model(section: str, name: str) -> type[BaseModel] | None:
+    """The pydantic model of a field that is a sub-section (`model.lora`: LoraSpec | None)."""
+    field = _section_fields(section).get(name)
+    annotation = getattr(field, "annotation", None)
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def searchable_paths() -> list[str]:
-    return [
-        path
-        for section in SEARCHABLE_SECTIONS
-        for path in (f"{section}.{name}" for name in _section_fields(section))
-        if path not in NOT_SEARCHABLE
-    ]
+    paths = []
+    for section in SEARCHABLE_SECTIONS:
+        for name in _section_fields(section):
+            sub_model = _sub_model(section, name)
+            if sub_model is not None:  # model.lora.r, model.lora.alpha, ...
+                paths += [f"{section}.{name}.{sub}" for sub in sub_model.model_fields]
+            elif f"{section}.{name}" not in NOT_SEARCHABLE:
+                paths.append(f"{section}.{name}")
+    return paths
+
+
+def set_path(sections: dict[str, Any], path: str, value: Any) -> None:
+    """Set `section.field` or `section.field.sub` in dumped sections; a sub-section that is
+    off (None: `model.lora`) is switched on with its defaults for the value given."""
+    section, _, rest = path.partition(".")
+    name, _, sub = rest.partition(".")
+    if not sub:
+        sections[section][name] = value
+        return
+    sections[section][name] = {**(sections[section].get(name) or {}), sub: value}
 
 
 def _field_path(key: str) -> str | None:
     """The config field a space key names, searchable or not; None when it names none."""
-    if "." in key:
+    if key.count(".") == 2:
+        section, name, sub = key.split(".")
+        sub_model = _sub_model(section, name) if section in SEARCHABLE_SECTIONS else None
+        if sub_model is not None and sub in sub_model.model_fields:
+            return key
+    elif "." in key:
         section, _, name = key.partition(".")
         if section in SEARCHABLE_SECTIONS and name in _section_fields(section):
             return key
@@ -182,8 +211,7 @@ def trial_config(spec: SweepSpec, sampled: Mapping[str, Any]) -> TrialConfig:
         for name in (*SEARCHABLE_SECTIONS, "diagnostics", "evaluation")
     }
     for path, value in drop_ineffective(sampled, spec).items():
-        section, _, name = path.partition(".")
-        sections[section][name] = value
+        set_path(sections, path, value)
     if sections["simpo"]["loss_type"] == "hinge":
         sections["simpo"]["label_smoothing"] = 0.0
     return TrialConfig.model_validate(sections)
