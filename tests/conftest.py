@@ -117,6 +117,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, as a sweep trial on one CPU has: two threads on a busy 2-core
+    machine spin against each other and run many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One real local Ray instance shared by the tests that need it."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,16 +152,6 @@ def _held_out_accuracy(tmp_path: Path, learning_rate: float) -> tuple[float, flo
     assert 0.35 < before < 0.65, "the untrained model must not already know the task"
     result = trainer.fit()
     return result.metrics["eval/rewards/accuracies"], time.perf_counter() - started
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, as a sweep trial on one CPU has: two threads on a busy 2-core
-    machine spin against each other and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ and their optimizer state only, and shard under FSDP like full fine-tuning does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,9 @@ FULL_MODEL = ModelSpec()
 TOKENIZER = load_tokenizer(FULL_MODEL)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     return prepare_data(
@@ -35,14 +37,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
         DataSpec(max_length=64, max_prompt_length=24, max_train_pairs=600, max_eval_pairs=100),
         tmp_path_factory.mktemp("data"),
     )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trainer(

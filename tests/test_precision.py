@@ -3,7 +3,6 @@ bf16-true loses, and train like float32 (demo model, CPU: bf16 autocast runs the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,9 @@ SMALL_STEPS = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     return prepare_data(
@@ -35,14 +37,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
         DataSpec(max_length=64, max_prompt_length=24, max_train_pairs=40, max_eval_pairs=10),
         tmp_path_factory.mktemp("data"),
     )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(

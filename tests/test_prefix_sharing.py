@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -34,14 +35,14 @@ from simpo_sweep.engine.train import SimPOTrainer
 from simpo_sweep.spec.models import SimPOSpec, TrainingSpec
 
 VOCAB = 97
-LOGP_TOL = {"rtol": 1e-5, "atol": 1e-5}
-GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
+LOGP_RTOL = LOGP_ATOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
 SIMPO = SimPOSpec(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.3)
 
 
 def tiny_model(family: str, attn: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": VOCAB,
         "hidden_size": 32,
         "num_hidden_layers": 2,
@@ -89,12 +90,14 @@ def test_shared_prefix_matches_unshared(family: str, attn: str) -> None:
     examples = ragged_pairs(5)
     shared = logps_and_grads(model, "shared", examples)
     unshared = logps_and_grads(model, "padded", examples)
-    torch.testing.assert_close(shared[0], unshared[0], **LOGP_TOL)
+    torch.testing.assert_close(shared[0], unshared[0], rtol=LOGP_RTOL, atol=LOGP_ATOL)
     assert torch.equal(shared[1], unshared[1])
-    torch.testing.assert_close(shared[2], unshared[2], **LOGP_TOL)
+    torch.testing.assert_close(shared[2], unshared[2], rtol=LOGP_RTOL, atol=LOGP_ATOL)
     assert shared[3].keys() == unshared[3].keys() and len(shared[3]) > 0
     for name, grad in shared[3].items():
-        torch.testing.assert_close(grad, unshared[3][name], **GRAD_TOL, msg=name)
+        torch.testing.assert_close(
+            grad, unshared[3][name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name
+        )
 
 
 def test_layout_positions_mask_and_predictors() -> None:
@@ -131,7 +134,7 @@ def test_wrong_rejected_positions_are_detected() -> None:
     assert batch.position_ids is not None
     batch.position_ids = torch.arange(batch.input_ids.shape[1]).repeat(len(examples), 1)
     wrong = policy(batch).summed.detach()
-    assert not torch.allclose(right, wrong, **LOGP_TOL)
+    assert not torch.allclose(right, wrong, rtol=LOGP_RTOL, atol=LOGP_ATOL)
 
 
 def test_choose_layout_prefix_sharing(caplog: pytest.LogCaptureFixture) -> None:
@@ -161,8 +164,8 @@ def test_trainer_step_same_with_prefix_sharing() -> None:
         training = TrainingSpec(max_steps=1, batch_size=4, precision="fp32", prefix_sharing=sharing)
         trainer = SimPOTrainer(
             tiny_model("qwen2", "sdpa"),
-            Columns(),  # type: ignore[arg-type]
-            Columns(),  # type: ignore[arg-type]
+            Columns(),
+            Columns(),
             training=training,
             simpo=SIMPO,
             pad_token_id=0,
@@ -221,10 +224,14 @@ def test_pair_weighted_accumulation_equals_fixed_batch_mean() -> None:
     weighted = [
         pair_weighted_loss(loss, len(b), 9) for loss, b in zip(losses, batches, strict=True)
     ]
-    torch.testing.assert_close(sum(w.detach() for w in weighted), full_loss.detach(), **LOGP_TOL)
+    torch.testing.assert_close(
+        sum(w.detach() for w in weighted), full_loss.detach(), rtol=LOGP_RTOL, atol=LOGP_ATOL
+    )
     budgeted = grads_after(weighted)
     for name, grad in fixed.items():
-        torch.testing.assert_close(budgeted[name], grad, **GRAD_TOL, msg=name)
+        torch.testing.assert_close(budgeted[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
     # dividing by the number of micro-batches (the fixed-batch rule) would be a different mean
     naive = grads_after([loss_of(b) / len(batches) for b in batches])
-    assert not all(torch.allclose(naive[n], g, **GRAD_TOL) for n, g in fixed.items())
+    assert not all(
+        torch.allclose(naive[n], g, rtol=GRAD_RTOL, atol=GRAD_ATOL) for n, g in fixed.items()
+    )
