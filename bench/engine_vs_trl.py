@@ -16,6 +16,12 @@ A peer is `trl` or `ours` plus `+`-joined modifiers:
     onerow        every sequence in one packed row whatever the attention (with sdpa: one
                   dense [L, L] mask over all tokens, what choose_layout avoids)
     chunkN        N response tokens through the LM head at once (default: the engine's 1024)
+    shared        training.prefix_sharing=on: prompt + chosen + rejected as one sequence per pair
+                  under a 4D mask, the prompt computed once (`--prefix-sharing` adds an
+                  `ours...+shared` peer after every `ours...` one)
+
+Presets: `cpu`, `cuda` (Qwen2-0.5B shapes), `cuda_1p5b` (Qwen2-1.5B shapes), `tiny`, and the
+prompt-heavy `cpu_prompt_heavy` / `tiny_prompt_heavy` (prompts ~4x the responses).
 
 Tokens are the real (non-padding) prompt+response tokens of a step, identical for every peer.
 Peak memory: CUDA torch.cuda.max_memory_allocated over the training steps (weights, gradients
@@ -92,6 +98,44 @@ PRESETS = {
         warmup=1,
         steps=3,
     ),
+    # the cpu model, prompts ~4x the responses (mean 256 vs 56 tokens): what prefix sharing is for
+    "cpu_prompt_heavy": Preset(
+        arch="llama",
+        vocab=32_000,
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=4,
+        intermediate=688,
+        tie=False,
+        max_length=512,
+        pairs=8,
+        prompt_range=(128, 384),
+        response_range=(16, 96),
+        dtype="float32",
+        attn="sdpa",
+        warmup=1,
+        steps=3,
+    ),
+    # seconds, for checking the script and the peers' modifiers
+    "tiny_prompt_heavy": Preset(
+        arch="qwen2",
+        vocab=1024,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        tie=True,
+        max_length=128,
+        pairs=4,
+        prompt_range=(32, 96),
+        response_range=(4, 24),
+        dtype="float32",
+        attn="sdpa",
+        warmup=1,
+        steps=2,
+    ),
     # seconds, for checking the script and the peers' modifiers
     "tiny": Preset(
         arch="llama",
@@ -129,6 +173,26 @@ PRESETS = {
         attn="sdpa",
         warmup=3,
         steps=10,
+    ),
+    # Qwen2-1.5B's shapes (1.54B parameters, tied embedding), random init, prompt-heavy lengths
+    # (prompts ~4x the responses, the case prefix sharing is for)
+    "cuda_1p5b": Preset(
+        arch="qwen2",
+        vocab=151_936,
+        hidden=1536,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        intermediate=8960,
+        tie=True,
+        max_length=1024,
+        pairs=8,
+        prompt_range=(128, 768),
+        response_range=(16, 256),
+        dtype="bfloat16",
+        attn="sdpa",
+        warmup=3,
+        steps=8,
     ),
 }
 
@@ -270,10 +334,53 @@ def profiler(device: torch.device) -> torch.profiler.profile:
     return torch.profiler.profile(activities=activities)
 
 
+# kernel / operator names by what they are part of (lower-cased substrings); first match wins
+PROFILE_CATEGORIES = {
+    "attention": ("flash", "fmha", "attention", "sdpa", "efficient_attention", "cudnn_attn"),
+    "softmax_and_loss": ("softmax", "logsumexp", "cross_entropy", "nll_loss", "triton_"),
+    "matmul": ("gemm", "mm", "matmul", "linear", "cutlass", "sm90", "nvjet"),
+    "optimizer": ("adam", "foreach", "multi_tensor"),
+}
+
+
+def profile_breakdown(events: Any, device: torch.device, wall_s: float) -> dict[str, float]:
+    """Milliseconds of one step by category, and the host-bound share.
+
+    On CUDA: device-busy time per category from the kernels' self device time, and
+    `host_bound_ms` = wall - device busy (time the GPU waited on the host issuing work). The
+    engine's LM head (forward and the recomputing backward) is a labelled range,
+    `simpo.lm_head`, whose total is reported on its own. On CPU the same from self CPU time.
+    """
+    cuda = device.type == "cuda"
+    totals = dict.fromkeys([*PROFILE_CATEGORIES, "other"], 0.0)
+    head_ms = 0.0
+    for event in events:
+        name = event.key.lower()
+        if event.key.startswith("simpo."):
+            if event.key == "simpo.lm_head":
+                head_ms += (event.device_time_total if cuda else event.cpu_time_total) / 1000
+            continue
+        self_ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1000
+        category = next(
+            (c for c, keys in PROFILE_CATEGORIES.items() if any(k in name for k in keys)), "other"
+        )
+        totals[category] += self_ms
+    busy = sum(totals.values())
+    result = {f"{name}_ms": value for name, value in totals.items()}
+    result.update(wall_ms=wall_s * 1000, busy_ms=busy, lm_head_range_ms=head_ms)
+    if cuda:
+        result["host_bound_ms"] = max(0.0, wall_s * 1000 - busy)
+    return result
+
+
 def write_profile(
     profile: torch.profiler.profile, device: torch.device, path: Path, wall_s: float
 ) -> None:
-    """Top operators of one profiled step, and how busy the device was during it."""
+    """Top operators of one profiled step, how busy the device was, a breakdown and a trace.
+
+    Writes `path` (the table), `path` with `.trace.json` (chrome://tracing / Perfetto) and
+    with `.breakdown.json` (`profile_breakdown`).
+    """
     events = profile.key_averages()
     if device.type == "cuda":
         busy_ms = sum(event.self_device_time_total for event in events) / 1000
@@ -284,7 +391,10 @@ def write_profile(
         sort_by = "self_cpu_time_total"
     table = events.table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
     path.write_text(summary + "\n" + table)
-    print(summary, flush=True)
+    profile.export_chrome_trace(str(path.with_suffix(".trace.json")))
+    breakdown = profile_breakdown(events, device, wall_s)
+    path.with_suffix(".breakdown.json").write_text(json.dumps(breakdown, indent=2))
+    print(summary, json.dumps({k: round(v, 1) for k, v in breakdown.items()}), flush=True)
 
 
 @dataclass
@@ -346,6 +456,7 @@ def run_ours(
         max_grad_norm=1.0,
         precision="bf16-mixed" if device.type == "cuda" else "fp32",
         padding_free="auto",
+        prefix_sharing="on" if "shared" in modifiers else "off",
         logprob_chunk_tokens=chunk,
     )
     simpo = SimPOSpec(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO)
@@ -607,7 +718,15 @@ def parse_peer(peer: str) -> tuple[str, set[str], int]:
     for modifier in modifiers:
         if modifier.startswith("chunk"):
             chunk = int(modifier.removeprefix("chunk"))
-        elif modifier in {"fused_adamw", "compile", "flex", "varlen", "eager_softmax", "onerow"}:
+        elif modifier in {
+            "fused_adamw",
+            "compile",
+            "flex",
+            "varlen",
+            "eager_softmax",
+            "onerow",
+            "shared",
+        }:
             rest.add(modifier)
         else:
             raise ValueError(f"unknown modifier {modifier!r} in {peer!r}")
@@ -731,8 +850,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="profile one extra step per peer into this folder"
     )
+    parser.add_argument(
+        "--prefix-sharing",
+        action="store_true",
+        help="compare prefix sharing: an ours...+shared peer after every ours... peer",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prefix_sharing and not args.child:
+        peers: list[str] = []
+        for peer in args.peers:
+            peers.append(peer)
+            if peer.startswith("ours") and "shared" not in peer.split("+"):
+                peers.append(peer + "+shared")
+        args.peers = list(dict.fromkeys(peers))
 
     device = torch.device(args.device)
     preset = PRESETS[args.preset or args.device]

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CLUSTER = ROOT / "cluster" / "local_cluster.sh"
 MLFLOW_SERVER = ROOT / "cluster" / "mlflow" / "server.sh"
 SIMPO_SWEEP = str(Path(sys.executable).with_name("simpo-sweep"))
+TRIAL_ACTOR = "ImplicitFunc"  # the actor class of a Tune function trial
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,6 @@ class MlflowServer:
 class Cluster:
     def __init__(self, state_dir: Path, workers: int):
         self.state_dir = state_dir
-        self.alive = list(range(1, workers + 1))  # worker node numbers, start/add-node order
-        self.added = workers
 
     def script(self, *args: str) -> str:
         env = {
@@ -137,22 +136,53 @@ class Cluster:
         text = (self.state_dir / "cluster.env").read_text()
         return dict(re.findall(r"^export (\w+)=(.*)$", text, re.M))
 
-    def kill_and_replace(self, rng: random.Random) -> int:
-        victim = rng.choice(self.alive)
-        self.script("kill-node", str(victim))
-        self.alive.remove(victim)
+    def _state(self) -> Any:
+        from ray.util.state.api import StateApiClient
+
+        exported = self.env()
+        token = Path(exported["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        return StateApiClient(
+            address=exported["LOCAL_RAY_DASHBOARD_URL"],
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    def victims(self) -> tuple[list[str], list[str]]:
+        """(worker nodes running a trial, every live worker node), by Ray node id."""
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        state = self._state()
+        nodes = state.list(
+            StateResource.NODES, ListApiOptions(detail=True), raise_on_missing_output=False
+        )
+        workers = [
+            node.node_id for node in nodes if node.state == "ALIVE" and not node.is_head_node
+        ]
+        actors = state.list(
+            StateResource.ACTORS,
+            ListApiOptions(filters=[("class_name", "=", TRIAL_ACTOR), ("state", "=", "ALIVE")]),
+            raise_on_missing_output=False,
+        )
+        busy = sorted({actor.node_id for actor in actors} & set(workers))
+        return busy, workers
+
+    def kill_and_replace(self, rng: random.Random) -> str:
+        """SIGKILL a worker node, one that runs a trial when there is one (the point of the
+        soak is to lose work), then add a fresh node."""
+        busy, workers = self.victims()
+        if not workers:
+            return "no worker node alive"
+        victim = rng.choice(busy or workers)
+        self.script("kill-node", victim)
         time.sleep(5)  # the GCS marks the node dead first (health checks: 1 s x 3)
         for attempt in range(3):
-            self.added += 1  # a failed start still takes its number in the state folder
             try:
                 self.script("add-node", "--cpus-per-node", "1")
+                break
             except RuntimeError as error:
                 say(f"adding a node failed (attempt {attempt + 1}): {str(error)[-200:]}")
                 time.sleep(10)
-                continue
-            self.alive.append(self.added)
-            break
-        return victim
+        running = "running a trial" if victim in busy else "idle"
+        return f"{victim[:8]} ({running})"
 
 
 def write_spec(root: Path, name: str, form: Form, mlflow_uri: str) -> Path:

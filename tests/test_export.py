@@ -168,12 +168,12 @@ def test_export_errors_name_the_problem(tmp_path: Path) -> None:
         export_trial(sweep, out=str(tmp_path / "out"))
 
 
-def test_a_two_worker_trial_exports_through_the_cli(tmp_path: Path) -> None:
+def test_a_two_worker_fsdp_trial_exports_from_its_sharded_checkpoint(tmp_path: Path) -> None:
     spec = _spec(
         tmp_path,
         export={"best": False},
         search={"space": {"beta": {"type": "grid", "values": [2.0]}}},
-        resources={"num_workers": 2, "cpus_per_worker": 1},
+        resources={"num_workers": 2, "cpus_per_worker": 1, "strategy": "fsdp"},
         training={"max_steps": 20, "eval_every": 20, "checkpoint_every": 10, "batch_size": 4},
     )
     outcome = _run(spec)
@@ -196,6 +196,9 @@ def test_a_two_worker_trial_exports_through_the_cli(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"exported trial {outcome.best.trial_id}" in done.stdout
     assert (out / "model.safetensors").is_file()
+    (checkpoint, *_) = reversed(trial_checkpoints(outcome.location, outcome.best.trial_id))
+    shards = {path.name for path in Path(checkpoint.uri).iterdir() if path.suffix == ".distcp"}
+    assert len(shards) == 2, shards  # one shard per worker: the export merged them
     measured = _accuracy_in_a_fresh_process(out, tmp_path / "runs")
     assert abs(measured["accuracy"] - outcome.best.metric) <= 1 / measured["pairs"] + 1e-9
     assert StorageLocation.parse(str(outcome.sweep_dir / "train")).children()

@@ -124,6 +124,35 @@ def test_layout_positions_mask_and_predictors() -> None:
     assert batch.num_tokens == collate_padded([example, short], 0).num_tokens
 
 
+def test_pairs_binned_into_rows_stay_apart() -> None:
+    """Two short pairs share a row: each attends only itself, positions restart per pair."""
+    long = PairExample([5, 6, 7, 8], [10, 11], [20, 21, 22])  # 9 tokens: the row width
+    first, second = PairExample([5], [12], [24, 25]), PairExample([6, 7], [13], [26])
+    batch = collate_shared_prefix([long, first, second], pad_token_id=0)
+    assert batch.input_ids.shape == (2, 9)  # first (4) and second (4) share the second row
+    assert batch.input_ids[1].tolist() == [5, 12, 24, 25, 6, 7, 13, 26, 0]
+    assert batch.position_ids is not None and batch.predicted_from is not None
+    assert batch.position_ids[1].tolist() == [0, 1, 1, 2, 0, 1, 2, 2, 0]
+    assert batch.predicted_from[1, 2].item() == 0 and batch.predicted_from[1, 7].item() == 5
+    assert batch.sequence_ids[1].tolist() == [1, 1, 4, 4, 2, 2, 2, 5, -1]
+    assert batch.attention_mask is not None
+    mask = batch.attention_mask[1, 0]
+    assert not mask[4:8, :4].any() and not mask[:4, 4:].any()  # pairs never see each other
+    assert mask[2, 0] and not mask[2, 1]  # the rejected sees its prompt, not its chosen
+
+
+def test_binned_rows_match_unshared() -> None:
+    model = tiny_model("llama", "sdpa")
+    # many short pairs next to one long one, so that several pairs share rows
+    examples = [*ragged_pairs(6, seed=7), PairExample(list(range(3, 30)), [40, 41], [50, 51])]
+    batch = collate_shared_prefix(examples)
+    assert batch.input_ids.shape[0] < len(examples)
+    policy = PolicyLogps(model)
+    shared = policy(batch).summed.detach()
+    unshared = policy(collate_padded(examples, 0)).summed.detach()
+    torch.testing.assert_close(shared, unshared, rtol=LOGP_RTOL, atol=LOGP_ATOL)
+
+
 def test_wrong_rejected_positions_are_detected() -> None:
     """The equality test above can fail: continuing positions past chosen changes the logps."""
     model = tiny_model("llama", "sdpa")

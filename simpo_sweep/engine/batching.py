@@ -11,6 +11,11 @@ Two layouts, same sequence order (chosen of every pair, then rejected of every p
     so one row of all tokens would cost far more than padding: sequences are binned into rows
     no longer than the longest sequence (first-fit decreasing), which is never more attention
     than the padded layout and drops most of the padding tokens from every other layer.
+A third, `shared_prefix` (TrainingSpec.prefix_sharing), runs each pair's prompt once: prompt +
+chosen + rejected as one sequence under a custom 4D mask (`collate_shared_prefix`).
+
+`token_budget_micro_batches` and `pair_weighted_loss` are the batching side of micro-batches
+filled up to a token budget instead of a fixed pair count.
 """
 
 from __future__ import annotations
@@ -285,44 +290,67 @@ def collate_packed(
 def collate_shared_prefix(examples: Sequence[PairExample], pad_token_id: int = 0) -> PairBatch:
     """prompt + chosen + rejected as one sequence per pair, the prompt computed once.
 
-    Rows are pairs, right-padded to the longest. The 4D boolean mask (True: may attend) is
-    causal over prompt + chosen; rejected tokens attend the prompt and, causally, each other,
-    never a chosen token. Position ids restart at len(prompt) for the rejected branch, so its
-    rotary positions, and with the mask its whole computation, equal the unshared path's.
-    Padding attends only itself (a fully masked sdpa row would be NaN). Sequence ids and the
-    order of ResponseLogps are the other layouts': chosen of pair i is i, its rejected
-    num_pairs + i. `num_tokens` counts the prompt twice, as the other layouts do, so that
-    tokens/s stays comparable across layouts (the model runs over the prompt once).
+    The 4D boolean mask (True: may attend) is causal over prompt + chosen; rejected tokens
+    attend the prompt and, causally, each other, never a chosen token nor another pair. Position
+    ids restart at len(prompt) for the rejected branch, so its rotary positions, and with the
+    mask its whole computation, equal the unshared path's. Pairs are binned into rows no longer
+    than the longest pair (first-fit decreasing, as `collate_packed` bins sequences for sdpa:
+    its mask costs rows x L^2, so never longer rows); the rows' tails are padding that attends
+    only itself (a fully masked sdpa row would be NaN). Sequence ids and the order of
+    ResponseLogps are the other layouts': chosen of pair i is i, its rejected num_pairs + i.
+    `num_tokens` counts the prompt twice, as the other layouts do, so that tokens/s stays
+    comparable across layouts (the model runs over the prompt once).
     """
     num_pairs = len(examples)
     _sequences(examples)  # the same empty prompt/response check as the other layouts
     lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
     width = max(lengths)
-    shape = (num_pairs, width)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for pair in sorted(range(num_pairs), key=lambda i: -lengths[i]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[pair]), None)
+        if target is None:
+            bins.append([pair])
+            room.append(width - lengths[pair])
+        else:
+            bins[target].append(pair)
+            room[target] -= lengths[pair]
+    bins = [sorted(b) for b in bins]
+    shape = (len(bins), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     sequence_ids = torch.full(shape, -1, dtype=torch.long)
-    position_ids = torch.arange(width, dtype=torch.long).repeat(num_pairs, 1)
-    predicted_from = (torch.arange(width, dtype=torch.long) - 1).clamp_min(0).repeat(num_pairs, 1)
-    # part of each position: 0 prompt, 1 chosen, 2 rejected, -1 padding
+    position_ids = torch.arange(width, dtype=torch.long).repeat(len(bins), 1)
+    predicted_from = (torch.arange(width, dtype=torch.long) - 1).clamp_min(0).repeat(len(bins), 1)
+    # part of each position: 0 prompt, 1 chosen, 2 rejected, -1 padding; and its pair
     part = torch.full(shape, -1, dtype=torch.long)
-    for row, example in enumerate(examples):
-        prompt, chosen = list(example.prompt_ids), list(example.chosen_ids)
-        rejected = list(example.rejected_ids)
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
-        labels[row, p : p + c] = torch.tensor(chosen, dtype=torch.long)
-        labels[row, p + c : p + c + r] = torch.tensor(rejected, dtype=torch.long)
-        sequence_ids[row, : p + c] = row
-        sequence_ids[row, p + c : p + c + r] = num_pairs + row
-        position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
-        predicted_from[row, p + c] = p - 1
-        part[row, :p], part[row, p : p + c], part[row, p + c : p + c + r] = 0, 1, 2
+    pair_of = torch.full(shape, -1, dtype=torch.long)
+    for row, members in enumerate(bins):
+        at = 0
+        for pair in members:
+            example = examples[pair]
+            prompt, chosen = list(example.prompt_ids), list(example.chosen_ids)
+            rejected = list(example.rejected_ids)
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            span = slice(at, at + p + c + r)
+            input_ids[row, span] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+            labels[row, at + p : at + p + c] = torch.tensor(chosen, dtype=torch.long)
+            labels[row, at + p + c : span.stop] = torch.tensor(rejected, dtype=torch.long)
+            sequence_ids[row, at : at + p + c] = pair
+            sequence_ids[row, at + p + c : span.stop] = num_pairs + pair
+            position_ids[row, span] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            predicted_from[row, at + p + c] = at + p - 1
+            part[row, at : at + p] = 0
+            part[row, at + p : at + p + c] = 1
+            part[row, at + p + c : span.stop] = 2
+            pair_of[row, span] = pair
+            at = span.stop
+        position_ids[row, at:] = torch.arange(width - at)
     index = torch.arange(width)
     causal = index[None, :, None] >= index[None, None, :]  # [1, q, k]
-    real = part >= 0
+    same_pair = (pair_of[:, :, None] == pair_of[:, None, :]) & (pair_of >= 0)[:, :, None]
     rejected_to_chosen = (part[:, :, None] == 2) & (part[:, None, :] == 1)
-    mask = causal & real[:, :, None] & real[:, None, :] & ~rejected_to_chosen
+    mask = causal & same_pair & ~rejected_to_chosen
     mask |= torch.eye(width, dtype=torch.bool)[None]
     return PairBatch(
         input_ids,

@@ -101,7 +101,10 @@ class _ChunkedResponseLogps(torch.autograd.Function):
         count = hidden.shape[0]
         grad_hidden: torch.Tensor | None = None
         grad_weight: torch.Tensor | None = None
-        with torch.autocast(hidden.device.type, enabled=False):
+        with (
+            torch.profiler.record_function("simpo.lm_head"),
+            torch.autocast(hidden.device.type, enabled=False),
+        ):
             all_hidden, chunk_weight = hidden.to(dtype), weight.to(dtype)
             scale = grad_token_logps.float()
             if needs_hidden:
@@ -381,13 +384,16 @@ class PolicyLogps(nn.Module):
             hidden = decoder(**model_inputs, use_cache=False).last_hidden_state
             head = self.model.get_output_embeddings()  # type: ignore[operator]
             response_hidden = hidden[rows, positions]
-            token_logps, mean_logits = _ChunkedResponseLogps.apply(
-                response_hidden,
-                head.weight,
-                targets,
-                self.chunk_tokens,
-                self._use_fused_softmax(response_hidden.device),
-            )
+            # a labelled range, so that profiles (bench/engine_vs_trl.py --profile) can tell the
+            # LM head's time from the body's; costs nothing measurable when nobody profiles
+            with torch.profiler.record_function("simpo.lm_head"):
+                token_logps, mean_logits = _ChunkedResponseLogps.apply(
+                    response_hidden,
+                    head.weight,
+                    targets,
+                    self.chunk_tokens,
+                    self._use_fused_softmax(response_hidden.device),
+                )
         else:
             logits = self.model(**model_inputs, use_cache=False).logits[rows, positions]
             log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -119,7 +119,8 @@ def trial_checkpoints(sweep_dir: StorageLocation, trial_id: str) -> list[Storage
         checkpoint
         for folder in folders
         for checkpoint in folder.children()
-        if checkpoint.name.startswith("checkpoint_")
+        # Ray Train keeps checkpoint_manager_snapshot.json beside its checkpoint folders.
+        if checkpoint.name.startswith("checkpoint_") and checkpoint.is_dir()
     ]
     return sorted(checkpoints, key=lambda location: location.name)
 

@@ -122,6 +122,9 @@ class StorageLocation:
     def is_file(self) -> bool:
         return self.filesystem.get_file_info(self.fs_path).type == pafs.FileType.File
 
+    def is_dir(self) -> bool:
+        return self.filesystem.get_file_info(self.fs_path).type == pafs.FileType.Directory
+
     def write_bytes(self, data: bytes) -> None:
         """Whole or not at all: written beside the target, then moved over it (locally), or
         one object upload (buckets, where an object appears only once complete)."""
