@@ -59,7 +59,13 @@ class LiveView:
         self.counts: Counter[str] = Counter()
         self.running = 0
         self.best = "-"
-        self.live = Live(self._render(), console=self.console, refresh_per_second=2, transient=True)
+        # get_renderable: every refresh re-renders, so elapsed and remaining keep moving.
+        self.live = Live(
+            console=self.console,
+            get_renderable=self._render,
+            refresh_per_second=2,
+            transient=True,
+        )
         self.live.start()
 
     def _render(self) -> Any:
