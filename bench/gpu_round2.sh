@@ -34,9 +34,9 @@ else
     PRESETS=(cuda cuda_1p5b)
     STEPS=(8 6)
     WARMUP=(2 2)
-    # per peer, subprocess start and model build included: 6 peers at most ~480 s together
-    TIMEOUTS=(70 95)
-    BUDGET_S=420          # do not start a preset after this many seconds
+    # per peer, subprocess start and model build included: 6 peers at most 540 s together
+    TIMEOUTS=(80 100)
+    BUDGET_S=300          # do not start the second preset after this many seconds
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 fi
 
@@ -111,4 +111,6 @@ for name, entry in summary.items():
                  if k not in ("profile",)}
         print(name, peer, shown)
 EOF
+# chrome traces of a 1.5B step run to tens of MB: compressed, so that they travel back
+gzip -f "$OUT"/profile_*/*.trace.json 2>/dev/null || true
 echo "done in ${SECONDS}s; files in $OUT"

@@ -301,13 +301,14 @@ def run_sweep(
                 "data_summary.txt": prepared.summary.format() + "\n",
             },
         )
-        tracking.client.log_batch(
-            tracking.parent_run_id,
-            metrics=[
-                Metric(key, float(value), int(time.time() * 1000), 0)
-                for key, value in prepared.summary.metrics().items()
-            ],
-        )
+        if not resume:  # logged once: a resumed sweep's data is the same data
+            tracking.client.log_batch(
+                tracking.parent_run_id,
+                metrics=[
+                    Metric(key, float(value), int(time.time() * 1000), 0)
+                    for key, value in prepared.summary.metrics().items()
+                ],
+            )
         dataset.log_to(tracking.client, tracking.parent_run_id)
         printer(
             f"MLflow: {redact_text(uri)} "
@@ -366,6 +367,7 @@ def run_sweep(
     status = "interrupted" if interrupted else "completed"
     files = write_results(stage_spec, rows, sweep_dir)
     cost = sweep_cost(stage_spec, rows)
+    held_bytes = checkpoint_bytes(sweep_dir)
     best = best_row(rows)
     exported = None
     if status == "completed" and best is not None and spec.export.best:
@@ -383,7 +385,7 @@ def run_sweep(
             best.params if best is not None else {},
             Counter(row.state for row in rows),
         )
-        log_cost(tracking, cost, checkpoint_bytes(sweep_dir))
+        log_cost(tracking, cost, held_bytes)
         if rows:
             files.update(
                 (f"report/{location.name}", location)
@@ -405,7 +407,7 @@ def run_sweep(
         best,
         files,
         cost=cost,
-        checkpoint_bytes=checkpoint_bytes(sweep_dir),
+        checkpoint_bytes=held_bytes,
         exported=exported,
     )
 
