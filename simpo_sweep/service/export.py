@@ -10,10 +10,13 @@ process); a LoRA trial gives its adapter, or merged weights with `merge`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,14 +364,13 @@ def register_best(
         raise SweepError("export.register needs tracking on (tracking.enabled: true)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mlflow.set_tracking_uri(uri)
     # Loaded from the folder, as a user would: MLflow's own path-based logging does not read
     # transformers 5's pipeline registry.
     components = {
         "model": AutoModelForCausalLM.from_pretrained(exported.folder),
         "tokenizer": AutoTokenizer.from_pretrained(exported.folder),
     }
-    with mlflow.start_run(run_id=run_id):
+    with _global_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model=components,
             name="model",
@@ -382,5 +384,26 @@ def register_best(
         "simpo_sweep.metric": spec.search.metric,
         "simpo_sweep.metric_value": str(exported.trial.metric),
     }
-    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    with _global_tracking_uri(uri):
+        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     return str(version.version)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow's fluent API reads one process-wide URI, and set_tracking_uri also exports it
+    as MLFLOW_TRACKING_URI to every process started later: set both only for this block."""
+    import mlflow
+
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if previous_env is not None else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous is not None and previous_env is not None:
+            mlflow.set_tracking_uri(previous)
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+        else:
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
+            os.environ.pop("MLFLOW_TRACKING_URI", None)

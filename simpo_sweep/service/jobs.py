@@ -55,7 +55,7 @@ START_TIMEOUT_S = 180.0
 SETTLE_TIMEOUT_S = 45.0
 POLL_S = 1.0
 # The sweep prints this once the cluster accepted it (after its resource and storage checks).
-SWEEP_STARTED = re.compile(r"^sweep \S+: ", re.MULTILINE)
+SWEEP_STARTED = re.compile(r"^sweep \S+: \d+ trials, storage ", re.MULTILINE)
 LOG_TAIL_LINES = 25
 _CHATTY_LOGGERS = (
     "ray.dashboard.modules.dashboard_sdk",
