@@ -138,6 +138,9 @@ def test_the_best_trial_is_exported_registered_and_reproduces_its_accuracy(
     assert version.tags["simpo_sweep.trial_id"] == outcome.best.trial_id
     assert version.tags["simpo_sweep.sweep_id"] == outcome.sweep_id
     assert float(version.tags["simpo_sweep.metric_value"]) == outcome.best.metric
+    # Registering used mlflow's process-wide URI only for itself: later sweeps of this
+    # process, and the processes it starts, keep their own stores.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     # The cost of every trial, and the checkpoints kept (keep_checkpoints, default 2).
     with (outcome.sweep_dir / "results.csv").open() as handle:
