@@ -128,7 +128,9 @@ def print_outcome(spec: SweepSpec, outcome: SweepOutcome) -> None:
         )
         return
     best = outcome.best
-    knobs = ", ".join(f"{name}={value}" for name, value in best.params.items())
+    knobs = ", ".join(
+        f"{name}={'n/a' if value is None else value}" for name, value in best.params.items()
+    )
     print(f"best trial {best.trial_id}: {spec.search.metric} = {best.metric:.4f} ({knobs})")
     cost = outcome.cost
     if cost is not None and cost.per_trial:
