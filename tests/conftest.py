@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,16 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray's own usage-stats prompt and its dashboard are not needed in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Property-based tests count the examples they try here; the run's summary prints them.
+FUZZ_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for label, counts in FUZZ_COUNTS.items():
+        if counts:
+            terminalreporter.write_line(f"{label}: {counts} examples tried (seed fixed)")
+
 
 MLFLOW_SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "mlflow" / "server.sh"
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
+from conftest import FUZZ_COUNTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-TRIED: dict[str, int] = {}
+TRIED = FUZZ_COUNTS.setdefault("data fuzzing", {})  # printed at the end of the run
 
 texts = st.one_of(
     st.text(max_size=30),
@@ -93,8 +93,3 @@ def test_any_jsonl_file_is_summarised_or_its_problems_named(file_rows: list[Any]
             assert "row" in str(error) or "line" in str(error) or str(path) in str(error), error
             return
         assert inspection.lines()
-
-
-def test_examples_tried_are_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    with capsys.disabled():
-        print(f"\ndata fuzzing: {TRIED or 'run with the other tests'} examples (seed fixed)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import FUZZ_COUNTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,
 )
-TRIED: dict[str, int] = {}
+TRIED = FUZZ_COUNTS.setdefault("spec fuzzing", {})  # printed at the end of the run
 
 scalars = st.one_of(
     st.none(),
@@ -131,8 +132,3 @@ def test_the_known_crash_a_number_for_a_section_with_a_searched_knob() -> None:
     )
     with pytest.raises(SpecError, match="training"):
         parse_spec(text)
-
-
-def test_examples_tried_are_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    with capsys.disabled():
-        print(f"\nspec fuzzing: {TRIED or 'run with the other tests'} examples (seed fixed)")

@@ -17,22 +17,28 @@ from torch import nn
 from simpo_sweep.spec.models import LoraSpec
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
-    """`model` with LoRA adapters on `lora.target_modules`, every other weight frozen.
+def lora_config(lora: LoraSpec) -> Any:
+    """The spec's adapters as peft's LoraConfig (training and export build the same)."""
+    from peft import LoraConfig
 
-    Adapters are created in float32 whatever the base's dtype (peft's autocast_adapter_dtype),
-    so a bf16 base trains float32 adapters: the base is never updated, the adapters are.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias="none",
     )
-    peft_model: Any = get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
+    """`model` with LoRA adapters on `lora.target_modules`, every other weight frozen.
+
+    Adapters are created in float32 whatever the base's dtype (peft's autocast_adapter_dtype),
+    so a bf16 base trains float32 adapters: the base is never updated, the adapters are.
+    """
+    from peft import get_peft_model
+
+    peft_model: Any = get_peft_model(model, lora_config(lora), autocast_adapter_dtype=True)
     # The transformers model itself, adapters injected: no PeftModel wrapper in between.
     base: nn.Module = peft_model.get_base_model()
     return base

@@ -227,19 +227,11 @@ def _write_model(spec: SweepSpec, checkpoint: Path, folder: Path, *, merge: bool
     )
     adapter_only = False
     if model_spec.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = model_spec.lora
-        peft_model: Any = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                bias="none",
-            ),
-        )
+        from simpo_sweep.engine.lora import lora_config
+
+        peft_model: Any = get_peft_model(model, lora_config(model_spec.lora))
         missing = peft_model.get_base_model().load_state_dict(state, strict=False)
         if missing.unexpected_keys:
             raise SweepError(f"checkpoint weights the model lacks: {missing.unexpected_keys[:5]}")

@@ -163,10 +163,6 @@ class StorageLocation:
 
     def upload_folder(self, folder: Path) -> None:
         """Copy a local folder's files here (this location becomes the folder's copy)."""
-        if not self.is_remote:
-            if Path(self.uri) != folder.resolve():
-                pafs.copy_files(str(folder), self.fs_path, destination_filesystem=self.filesystem)
-            return
         pafs.copy_files(
             str(folder.resolve()),
             self.fs_path,
