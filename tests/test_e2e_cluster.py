@@ -343,12 +343,6 @@ def test_submitted_sweep_runs_on_several_nodes_and_is_tracked(stack: Stack) -> N
     assert best.search.space == {}
     assert best.training.learning_rate == float(rows[0]["learning_rate"])
 
-    # The trials ran on more than one node (each Tune trial is an actor; Ray knows its node).
-    actors = stack.actors(_ray_job_id(stack, job_id))
-    used = {actor.node_id for actor in actors if actor.node_id}
-    assert len(used) >= 2, [(actor.node_id, actor.state) for actor in actors]
-    assert used <= set(stack.nodes())
-
     # MLflow: one parent run, one child run per trial, with their metrics.
     parent, children = _mlflow_runs(stack, "e2e-main", sweep_dir.name)
     assert parent.info.status == "FINISHED"
@@ -357,6 +351,17 @@ def test_submitted_sweep_runs_on_several_nodes_and_is_tracked(stack: Stack) -> N
     for child in children:
         assert "train/loss" in child.data.metrics, child.info.run_name
         assert child.data.params, child.info.run_name
+
+    # The trials trained on more than one node, and each child run says which (one CPU per
+    # worker node: two trials at once cannot share one).
+    nodes = stack.nodes()
+    used = {child.data.tags["simpo_sweep.ray_node_id"] for child in children}
+    assert len(used) >= 2 and used <= set(nodes), (used, nodes)
+    for child in children:
+        assert (
+            child.data.tags["simpo_sweep.node_ip"]
+            == nodes[child.data.tags["simpo_sweep.ray_node_id"]]
+        )
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.tune
+import ray.util
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -184,7 +185,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     logger = None
     if ray_io.rank == 0 and plan.run_id is not None and plan.tracking_uri is not None:
         logger = MetricLogger(plan.tracking_uri, plan.run_id)
-        logger.client.set_tag(plan.run_id, "simpo_sweep.padding_free", str(trainer.packed).lower())
+        # Where the trial ran (its rank-0 worker), for whoever debugs a multi-node sweep; a retry
+        # on another node overwrites it.
+        where = ray.get_runtime_context()
+        for key, value in {
+            "simpo_sweep.padding_free": str(trainer.packed).lower(),
+            "simpo_sweep.node_ip": ray.util.get_node_ip_address(),
+            "simpo_sweep.ray_node_id": where.get_node_id(),
+        }.items():
+            logger.client.set_tag(plan.run_id, key, value)
 
     generations = _GenerationHook.create(plan, prepared, tokenizer, device, logger)
     checkpoint = ray_io.latest_checkpoint()
