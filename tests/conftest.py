@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from simpo_sweep.engine.data import TokenizedSplit
+from simpo_sweep.engine.train import PairDataset, pair_at
+
 # Nothing in the tests may reach a hub: the demo is built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -220,3 +223,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         stop_process_group(process)
+
+
+def ragged_pairs(split: PairDataset) -> TokenizedSplit:
+    """`split`'s pairs at 1-3x their prompt and with shortened responses: the demo's pair costs
+    (all 32-38 tokens) spread to ~20-110, so that a token budget holds different pair counts."""
+    prompts, chosen, rejected = [], [], []
+    for index in range(len(split)):
+        pair = pair_at(split, index)
+        cut = (index % 4) * 3
+        prompts.append(list(pair.prompt_ids) * (1 + index % 3))
+        chosen.append(list(pair.chosen_ids)[: max(1, len(pair.chosen_ids) - cut)])
+        rejected.append(list(pair.rejected_ids)[: max(1, len(pair.rejected_ids) - cut)])
+    return TokenizedSplit(prompts, chosen, rejected)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ragged_pairs
 from mlflow.tracking import MlflowClient
 from torch.distributed.tensor import DTensor
 
@@ -73,11 +74,14 @@ def _worker(rank: int, world: int, job: dict[str, Any]) -> None:
         model_spec = ModelSpec(gradient_checkpointing=True)
         tokenizer = load_tokenizer(model_spec)
         prepared = load_prepared(job["data"])
+        train = ragged_pairs(prepared.train) if job.get("ragged") else prepared.train
         trainer = SimPOTrainer(
             load_model(model_spec, tokenizer, "cpu", seed=job.get("model_seed", 0)),
-            prepared.train,
+            train,
             prepared.eval,
-            training=TrainingSpec(batch_size=GLOBAL_BATCH // world, **SETTINGS),
+            training=TrainingSpec(
+                **{"batch_size": GLOBAL_BATCH // world, **SETTINGS, **job.get("training", {})}
+            ),
             simpo=SimPOSpec(),
             pad_token_id=tokenizer.pad_token_id,
             device="cpu",
@@ -175,6 +179,31 @@ def test_fsdp_trains_like_ddp_and_like_one_process(runs: dict[str, Any]) -> None
     for name, weight in one["weights"].items():
         difference = torch.linalg.vector_norm(fsdp["weights"][name] - weight)
         assert difference <= 1e-3 * torch.linalg.vector_norm(weight), name
+
+
+def test_token_budget_micro_batches_split_across_ranks_train_like_one_process(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    """Ragged pairs, micro-batches of at most 160 tokens (different pair counts on the two
+    ranks): 2 ranks x 2 micro-batches, DDP and FSDP, take the steps one process takes with
+    the same 4 micro-batches a step. Every rank's pairs count in the step's mean, so each
+    rank's loss is weighted by its share of all the step's pairs, not by 1/world_size."""
+    budget = {"max_tokens_per_batch": 160, "max_steps": 3}  # 3 steps: within the first epoch
+    job = {"data": str(prepared.path), "ragged": True}
+    one = _run(
+        1,
+        tmp_path,
+        "one",
+        **job,
+        strategy="ddp",
+        training={**budget, "gradient_accumulation_steps": 4},
+    )
+    for strategy in ("ddp", "fsdp"):
+        two = _run(2, tmp_path, strategy, **job, strategy=strategy, training=budget)
+        _assert_same_run(two, one, **TOLERANCE)
+        for name, weight in one["weights"].items():
+            difference = torch.linalg.vector_norm(two["weights"][name] - weight)
+            assert difference <= 1e-3 * torch.linalg.vector_norm(weight), (strategy, name)
 
 
 def test_sharded_checkpoint_resumes_exactly_and_loads_whole(

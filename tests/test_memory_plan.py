@@ -141,6 +141,29 @@ def test_gradient_checkpointing_and_lora_shrink_the_plan() -> None:
     assert lora.fits
 
 
+def test_a_token_budget_sizes_the_activations_and_names_itself_in_the_refusal() -> None:
+    """batch 2 x 2 sequences x 2048 tokens = 8192 tokens a micro-batch; a 32k-token budget
+    plans 4x the activations, and a plan that no longer fits says to shrink the budget."""
+    model, data, training, _ = _llama_8b()
+    one_gpu = ResourcesSpec(num_workers=1, gpus_per_worker=1, gpu_memory_gb=80)
+    lora = model.model_copy(update={"lora": LoraSpec(r=16)})
+    fixed = plan_trial(lora, data, training, one_gpu)
+    budgeted = plan_trial(
+        lora, data, training.model_copy(update={"max_tokens_per_batch": 32768}), one_gpu
+    )
+
+    assert fixed.plan.tokens_per_micro_batch == 8192
+    assert budgeted.plan.tokens_per_micro_batch == 32768
+    assert budgeted.plan.components["activations"] == pytest.approx(
+        4 * fixed.plan.components["activations"], rel=0.01
+    )
+    huge = plan_trial(
+        lora, data, training.model_copy(update={"max_tokens_per_batch": 1_000_000}), one_gpu
+    )
+    refusal = huge.refusal()
+    assert refusal is not None and "a smaller max_tokens_per_batch" in refusal
+
+
 def test_validate_refuses_a_spec_that_cannot_fit_its_gpus(tmp_path: Path) -> None:
     raw = yaml.safe_load((SPECS / "simpo-published-grid-8b.yaml").read_text())
     raw["resources"]["strategy"] = "ddp"

@@ -1,7 +1,8 @@
 """Prefix sharing (prompt + chosen + rejected in one sequence) and token-budget micro-batches.
 
 The shared-prefix layout must give the unshared (padded) path's log-probs, SimPO loss and the
-gradient of every parameter, for the Llama and Qwen2 families, sdpa and eager attention.
+gradient of every parameter, for the Llama, Qwen2, Mistral, Phi-3 and Gemma2 families, sdpa
+and eager attention (Gemma2: eager, its only path), and refuse a sliding window it cannot express.
 Tolerances, float32: log-prob sums rtol 1e-5 / atol 1e-5 and gradients rtol 1e-4 / atol 1e-6,
 as in tests/test_logps_paths.py (only summation order differs: the prompt's keys are the same
 numbers, the attention runs over a longer, masked key axis).
@@ -17,7 +18,18 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from simpo_sweep.engine.batching import (
     PairExample,
@@ -29,6 +41,7 @@ from simpo_sweep.engine.batching import (
     pair_weighted_loss,
     token_budget_micro_batches,
 )
+from simpo_sweep.engine.data import TokenizedSplit
 from simpo_sweep.engine.logps import PolicyLogps
 from simpo_sweep.engine.loss import simpo_objective
 from simpo_sweep.engine.train import SimPOTrainer
@@ -54,6 +67,12 @@ def tiny_model(family: str, attn: str, seed: int = 0) -> nn.Module:
     }
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).eval()
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    if family == "phi3":
+        return Phi3ForCausalLM(Phi3Config(**common, pad_token_id=0)).eval()
+    if family == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
 
 
@@ -83,8 +102,14 @@ def logps_and_grads(
     return result.summed.detach(), result.token_counts, loss.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+# Gemma2 (logit soft-capping) has no sdpa path in transformers: eager only.
+FAMILY_ATTENTION = [
+    *itertools.product(["llama", "qwen2", "mistral", "phi3"], ["sdpa", "eager"]),
+    ("gemma2", "eager"),
+]
+
+
+@pytest.mark.parametrize(("family", "attn"), FAMILY_ATTENTION)
 def test_shared_prefix_matches_unshared(family: str, attn: str) -> None:
     model = tiny_model(family, attn)
     examples = ragged_pairs(5)
@@ -176,25 +201,49 @@ def test_choose_layout_prefix_sharing(caplog: pytest.LogCaptureFixture) -> None:
     assert collate_layout(ragged_pairs(2), "shared_prefix", 0).predicted_from is not None
 
 
+def columns(examples: Sequence[PairExample]) -> TokenizedSplit:
+    return TokenizedSplit(
+        [list(e.prompt_ids) for e in examples],
+        [list(e.chosen_ids) for e in examples],
+        [list(e.rejected_ids) for e in examples],
+    )
+
+
+def test_a_sliding_window_shorter_than_the_data_refuses_prefix_sharing() -> None:
+    """The shared mask is plain causal; a window that bites in the unshared path (sequences
+    longer than it) would give other log-probs, so the trainer refuses instead."""
+    examples = ragged_pairs(4, seed=3)
+    windowed = tiny_model("mistral", "sdpa")
+    windowed.config.sliding_window = 4
+    policy = PolicyLogps(windowed)
+    shared = policy(collate_shared_prefix(examples)).summed.detach()
+    unshared = policy(collate_padded(examples, 0)).summed.detach()
+    assert not torch.allclose(shared, unshared, rtol=LOGP_RTOL, atol=LOGP_ATOL)
+
+    def trainer(model: nn.Module) -> SimPOTrainer:
+        training = TrainingSpec(max_steps=1, batch_size=4, precision="fp32", prefix_sharing="on")
+        data = columns(examples)
+        return SimPOTrainer(
+            model, data, data, training=training, simpo=SIMPO, pad_token_id=0, device="cpu"
+        )
+
+    with pytest.raises(ValueError, match=r"sliding attention window \(4 tokens\)"):
+        trainer(windowed)
+    wide = tiny_model("mistral", "sdpa")
+    wide.config.sliding_window = 64  # longer than any sequence here: the window never bites
+    assert trainer(wide).layout == "shared_prefix"
+
+
 def test_trainer_step_same_with_prefix_sharing() -> None:
     examples = ragged_pairs(4, seed=3)
-
-    class Columns:
-        def __init__(self) -> None:
-            self.prompt_ids = [list(e.prompt_ids) for e in examples]
-            self.chosen_ids = [list(e.chosen_ids) for e in examples]
-            self.rejected_ids = [list(e.rejected_ids) for e in examples]
-
-        def __len__(self) -> int:
-            return len(examples)
 
     first_steps = {}
     for sharing in ("on", "off"):
         training = TrainingSpec(max_steps=1, batch_size=4, precision="fp32", prefix_sharing=sharing)
         trainer = SimPOTrainer(
             tiny_model("qwen2", "sdpa"),
-            Columns(),
-            Columns(),
+            columns(examples),
+            columns(examples),
             training=training,
             simpo=SIMPO,
             pad_token_id=0,

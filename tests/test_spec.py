@@ -195,6 +195,18 @@ def test_grace_period_longer_than_training() -> None:
     assert "no trial could ever be stopped" in problem.message
 
 
+def test_a_token_budget_below_the_longest_pair_is_refused() -> None:
+    problem = only_problem(
+        "name: s\ndata: {max_length: 512}\ntraining: {max_tokens_per_batch: 1000}\n"
+    )
+    assert "2 x data.max_length = 1024" in problem.message
+    assert only_problem("name: s\ntraining: {max_tokens_per_batch: 0}\n").path == (
+        "training.max_tokens_per_batch"
+    )
+    spec = parse_spec("name: s\ndata: {max_length: 512}\ntraining: {max_tokens_per_batch: 8192}\n")
+    assert spec.training.max_tokens_per_batch == 8192
+
+
 def test_grid_domains_need_grid_or_random() -> None:
     problem = only_problem(
         "name: s\nsearch:\n  algorithm: optuna\n  space:\n    beta: {type: grid, values: [1, 2]}\n"

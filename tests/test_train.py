@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ragged_pairs
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -303,6 +304,65 @@ def test_too_few_pairs_for_one_micro_batch_is_an_error(prepared: PreparedData) -
         _trainer(prepared, batch_size=len(prepared.train) + 1)
 
 
+# ---- token-budget micro-batches ----------------------------------------------------------------
+
+BUDGET = 160  # tokens
+
+
+@pytest.fixture(scope="module")
+def ragged(prepared: PreparedData) -> TokenizedSplit:
+    return ragged_pairs(prepared.train)
+
+
+@pytest.mark.parametrize("layout", ["packed_rows", "padded"])
+def test_token_budget_micro_batches_cover_the_epoch_within_the_budget(
+    prepared: PreparedData, ragged: TokenizedSplit, layout: str
+) -> None:
+    trainer = _trainer(prepared, train_data=ragged, max_tokens_per_batch=BUDGET)
+    trainer.layout = layout  # type: ignore[assignment]
+    order = trainer._epoch_order(0)
+
+    micro_batches = trainer._epoch_micro_batches(0)
+
+    assert [index for batch in micro_batches for index in batch] == order
+    assert len({len(batch) for batch in micro_batches}) > 1
+    for batch in micro_batches:
+        # what the collated micro-batch really holds: real tokens packed, rows x width padded
+        collated = trainer._collate([pair_at(ragged, index) for index in batch])
+        held = collated.num_tokens if layout == "packed_rows" else collated.input_ids.numel()
+        assert held <= BUDGET, (batch, held)
+
+
+def test_a_token_budget_step_takes_the_step_one_batch_of_its_pairs_takes(
+    prepared: PreparedData, ragged: TokenizedSplit
+) -> None:
+    """3 budgeted micro-batches of different pair counts: the step is the mean over all their
+    pairs, as one fixed batch of the same pairs, not the mean of the micro-batches' means."""
+    budgeted = _trainer(
+        prepared,
+        train_data=ragged,
+        max_steps=1,
+        max_tokens_per_batch=BUDGET,
+        gradient_accumulation_steps=3,
+    )
+    first_step = budgeted._epoch_micro_batches(0)[:3]
+    assert len({len(batch) for batch in first_step}) > 1, first_step
+    pairs = sum(len(batch) for batch in first_step)
+    single = _trainer(prepared, train_data=ragged, max_steps=1, batch_size=pairs)
+
+    budgeted_result, single_result = budgeted.fit(), single.fit()
+
+    # The gradient is the claim: its norm (before clipping) tells the pair mean from a mean of
+    # micro-batch means (weights 4/9, 2/9, 3/9 against 1/3 each). AdamW's first step is about
+    # lr x sign(gradient), so the weights agree only to the last bits of near-zero entries.
+    assert budgeted_result.metrics["train/grad_norm"] == pytest.approx(
+        single_result.metrics["train/grad_norm"], rel=1e-5
+    )
+    _assert_same_parameters(budgeted.model, single.model, rtol=1e-4, atol=1e-4)
+    for name, value in _model_metrics(single_result.metrics).items():
+        assert budgeted_result.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
 # ---- diagnostics -------------------------------------------------------------------------------
 
 
@@ -390,18 +450,22 @@ def test_hook_can_stop_training(prepared: PreparedData) -> None:
     assert (result.step, result.stopped_reason) == (4, "enough")
 
 
+@pytest.mark.parametrize("batching", ["pairs", "token budget"])
 def test_stop_and_resume_ends_like_an_uninterrupted_run(
-    prepared: PreparedData, tmp_path: Path
+    prepared: PreparedData, ragged: TokenizedSplit, tmp_path: Path, batching: str
 ) -> None:
     """12 steps straight vs 7 steps, a checkpoint, and a new trainer (new process in real life,
     a differently initialised model here) resuming to step 12. The 5-batch epochs make the
-    checkpoint fall mid-epoch and the resumed run cross an epoch boundary."""
+    checkpoint fall mid-epoch and the resumed run cross an epoch boundary (a token budget
+    on the ragged pairs makes micro-batches of different sizes, 9 an epoch)."""
     settings: dict[str, Any] = {
         "max_steps": 12,
         "eval_every": 4,
         "checkpoint_every": 7,
         "warmup_ratio": 0.2,
     }
+    if batching == "token budget":
+        settings.update(max_tokens_per_batch=BUDGET, train_data=ragged)
     straight = _trainer(prepared, **settings)
     straight_result = straight.fit()
 

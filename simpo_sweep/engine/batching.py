@@ -14,8 +14,9 @@ Two layouts, same sequence order (chosen of every pair, then rejected of every p
 A third, `shared_prefix` (TrainingSpec.prefix_sharing), runs each pair's prompt once: prompt +
 chosen + rejected as one sequence under a custom 4D mask (`collate_shared_prefix`).
 
-`token_budget_micro_batches` and `pair_weighted_loss` are the batching side of micro-batches
-filled up to a token budget instead of a fixed pair count.
+`token_budget_micro_batches` and `pair_weighted_loss` fill micro-batches up to a token budget
+(TrainingSpec.max_tokens_per_batch) instead of a fixed pair count, the loss still the mean over
+a step's pairs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -364,59 +366,86 @@ def collate_shared_prefix(examples: Sequence[PairExample], pad_token_id: int = 0
     )
 
 
-def pair_tokens(example: PairExample, layout: Layout) -> int:
-    """Token positions a pair occupies in `layout` (padding aside): its cost for a budget."""
-    prompt, chosen, rejected = (
-        len(example.prompt_ids),
-        len(example.chosen_ids),
-        len(example.rejected_ids),
-    )
+def pair_token_costs(
+    prompt_lengths: np.ndarray,
+    chosen_lengths: np.ndarray,
+    rejected_lengths: np.ndarray,
+    layout: Layout,
+) -> np.ndarray:
+    """Each pair's cost against a token budget: the positions it occupies in `layout`.
+
+    Packed layouts: its real tokens (the prompt twice, once under `shared_prefix`). Padded:
+    both sequences at the pair's padded width, 2 x (prompt + longer response); a padded
+    micro-batch then costs its pair count x its largest pair cost (`token_budget_micro_batches`
+    with `padded=True`), the positions the model really runs.
+    """
     if layout == "shared_prefix":
-        return prompt + chosen + rejected
-    return 2 * prompt + chosen + rejected
+        return prompt_lengths + chosen_lengths + rejected_lengths
+    if layout == "padded":
+        return 2 * (prompt_lengths + np.maximum(chosen_lengths, rejected_lengths))
+    return 2 * prompt_lengths + chosen_lengths + rejected_lengths
+
+
+def pair_tokens(example: PairExample, layout: Layout) -> int:
+    """`pair_token_costs` of one pair."""
+    lengths = (
+        np.array([len(example.prompt_ids)]),
+        np.array([len(example.chosen_ids)]),
+        np.array([len(example.rejected_ids)]),
+    )
+    return int(pair_token_costs(*lengths, layout)[0])
 
 
 def token_budget_micro_batches(
-    order: Sequence[int], tokens: Sequence[int], max_tokens: int
+    order: Sequence[int],
+    tokens: Sequence[int] | np.ndarray,
+    max_tokens: int,
+    *,
+    padded: bool = False,
 ) -> list[list[int]]:
     """Consecutive runs of `order` whose pairs hold at most `max_tokens` tokens together.
 
-    `tokens[i]` is pair i's cost (`pair_tokens`). Order is kept (the epoch's shuffle, or its
-    length grouping, stays the caller's); a pair longer than the budget on its own gets a
-    micro-batch to itself rather than being dropped. Micro-batches then hold different pair
-    counts: a step must weight each one's per-pair mean loss by its share of the step's pairs
-    (`pair_weighted_loss`), not divide by the number of micro-batches.
+    `tokens[i]` is pair i's cost (`pair_token_costs`); a run costs the sum of its pairs' costs,
+    or with `padded` its pair count x its largest cost (every row padded to the longest).
+    Order is kept (the epoch's shuffle, or its length grouping, stays the caller's); a pair
+    over the budget on its own gets a micro-batch to itself rather than being dropped.
+    Micro-batches then hold different pair counts: a step must weight each one's per-pair
+    mean loss by its share of the step's pairs (`pair_weighted_loss`), not divide by the
+    number of micro-batches.
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
     batches: list[list[int]] = []
     current: list[int] = []
-    used = 0
+    used = largest = 0
     for index in order:
-        cost = tokens[index]
-        if current and used + cost > max_tokens:
+        cost = int(tokens[index])
+        would_use = (len(current) + 1) * max(largest, cost) if padded else used + cost
+        if current and would_use > max_tokens:
             batches.append(current)
-            current, used = [], 0
+            current, used, largest = [], 0, 0
+            would_use = cost
         current.append(index)
-        used += cost
+        used, largest = would_use, max(largest, cost)
     if current:
         batches.append(current)
     return batches
 
 
 def pair_weighted_loss(
-    micro_batch_loss: torch.Tensor, micro_batch_pairs: int, step_pairs: int
+    micro_batch_loss: torch.Tensor, micro_batch_pairs: int, step_pairs: int, world_size: int = 1
 ) -> torch.Tensor:
     """What to backpropagate for one micro-batch so that a step's gradient is the pair mean.
 
     `micro_batch_loss` is a mean over the micro-batch's pairs (simpo_objective's); the step
-    mean over all its pairs is sum_i loss_i * pairs_i / step_pairs. With equal pair counts this
-    is the usual loss / accumulation steps. Under DDP `step_pairs` is the step's pair count
-    over all ranks and the result is multiplied by the world size (DDP averages gradients).
+    mean over all its pairs is sum_i loss_i * pairs_i / step_pairs. `step_pairs` counts every
+    rank's pairs, and the result is multiplied by `world_size` because DDP's all-reduce and
+    FSDP's reduce-scatter average gradients over ranks. With equal pair counts this is the
+    usual loss / accumulation steps.
     """
     if step_pairs <= 0:
         raise ValueError(f"step_pairs must be > 0, got {step_pairs}")
-    return micro_batch_loss * (micro_batch_pairs / step_pairs)
+    return micro_batch_loss * (micro_batch_pairs * world_size / step_pairs)
 
 
 def collate_layout(examples: Sequence[PairExample], layout: Layout, pad_token_id: int) -> PairBatch:

@@ -16,7 +16,8 @@ a spec for an 8B model is planned on a laptop. What one worker holds at its peak
     activations  what the forward keeps for backward: per token and layer, from the layer's
                  shapes; with gradient checkpointing only each layer's input, plus one layer
                  recomputed at a time. Tokens = 2 x batch_size x max_length per micro-batch
-                 (the worst case: every sequence at full length; packing only removes padding)
+                 (the worst case: every sequence at full length; packing only removes padding),
+                 or max_tokens_per_batch when the micro-batches are filled to a token budget
     log-probs    one chunk of logits (logprob_chunk_tokens x vocab) in float32 and the compute
                  dtype, the same again in backward, and the head's float32 gradient accumulator
     runtime      CUDA context and allocator slack (1.5 GB on CUDA; none on CPU)
@@ -72,6 +73,7 @@ class MemoryPlan:
     tokens_per_micro_batch: int
     gradient_checkpointing: bool
     components: dict[str, float]  # bytes per worker, by component
+    token_budget: bool = False  # micro-batches filled to training.max_tokens_per_batch
 
     @property
     def total_bytes(self) -> float:
@@ -116,7 +118,8 @@ class MemoryPlan:
             fixes.append("LoRA (model.lora)")
         if not self.gradient_checkpointing:
             fixes.append("model.gradient_checkpointing: true")
-        fixes.append("a smaller batch_size with more gradient_accumulation_steps")
+        smaller = "max_tokens_per_batch" if self.token_budget else "batch_size"
+        fixes.append(f"a smaller {smaller} with more gradient_accumulation_steps")
         return (
             f"{self.shape.name} ({self.shape.parameters / 1e9:.1f}B) with {self.strategy} over "
             f"{self.workers} worker(s) needs ~{self.total_gb:.0f} GB per GPU, the GPU has "
@@ -267,6 +270,7 @@ def estimate_memory(
     logprob_chunk_tokens: int,
     frozen_dtype_bytes: int,
     device_type: str = "cuda",
+    max_tokens_per_batch: int | None = None,
 ) -> MemoryPlan:
     """Peak bytes per worker (see the module docstring for each component).
 
@@ -298,7 +302,7 @@ def estimate_memory(
         compute_copy = (shape.parameters - frozen if frozen_bytes == 2 else shape.parameters) * 2
     components["compute copy"] = compute_copy
 
-    tokens = 2 * batch_size * max_length
+    tokens = max_tokens_per_batch or 2 * batch_size * max_length
     per_layer = _activation_bytes_per_token_and_layer(shape, compute_bytes)
     residual_bytes = 4 if precision != "bf16-true" else 2  # the residual stream's dtype
     if gradient_checkpointing:
@@ -323,6 +327,7 @@ def estimate_memory(
         tokens_per_micro_batch=tokens,
         gradient_checkpointing=gradient_checkpointing,
         components=components,
+        token_budget=max_tokens_per_batch is not None,
     )
 
 
@@ -411,6 +416,7 @@ def plan_trial(
             workers=resources.num_workers,
             batch_size=training.batch_size,
             max_length=data.max_length,
+            max_tokens_per_batch=training.max_tokens_per_batch,
             gradient_checkpointing=model.gradient_checkpointing,
             logprob_chunk_tokens=training.logprob_chunk_tokens,
             frozen_dtype_bytes=frozen_bytes,

@@ -1,10 +1,12 @@
 """The SimPO training loop: usable on its own, plugged into Ray Train by the trial layer.
 
-One optimizer step = `gradient_accumulation_steps` micro-batches of `batch_size` pairs on every
-worker. Under torch.distributed the global micro-batch is split across ranks, so N workers with
-batch b see exactly the pairs one worker with batch N*b would, and every metric is averaged over
-all workers. Everything a resumed run needs (weights, optimizer, scheduler, step, data position,
-RNG) is in the checkpoint, so a stopped-and-resumed run ends with the same metrics.
+One optimizer step = `gradient_accumulation_steps` micro-batches on every worker, each of
+`batch_size` pairs or, with `max_tokens_per_batch`, of as many pairs as fit that many tokens.
+Under torch.distributed the global micro-batch is split across ranks, so N workers with batch b
+see exactly the pairs one worker with batch N*b would; the loss is the mean over all the step's
+pairs whatever their micro-batches hold, and every metric is averaged over all workers.
+Everything a resumed run needs (weights, optimizer, scheduler, step, data position, RNG) is in
+the checkpoint, so a stopped-and-resumed run ends with the same metrics.
 
 Several workers share a step by `strategy`: ddp (a whole replica each, gradients all-reduced)
 or fsdp (FSDP2 `fully_shard` per decoder layer and at the root: every rank holds 1/N of the
@@ -42,6 +44,9 @@ from simpo_sweep.engine.batching import (
     PairExample,
     choose_layout,
     collate_layout,
+    pair_token_costs,
+    pair_weighted_loss,
+    token_budget_micro_batches,
 )
 from simpo_sweep.engine.logps import PolicyLogps
 from simpo_sweep.engine.loss import simpo_objective
@@ -181,11 +186,6 @@ class SimPOTrainer:
         self.eval_data = eval_data
         self.pad_token_id = pad_token_id
         self.checkpoint_root = checkpoint_root
-        if len(train_data) < self.global_micro_batch:
-            raise ValueError(
-                f"{len(train_data)} training pairs cannot fill one micro-batch of "
-                f"{self.global_micro_batch} pairs (batch_size x workers)"
-            )
         if len(eval_data) == 0:
             raise ValueError("the eval split is empty: evaluation metrics are means over its pairs")
 
@@ -199,6 +199,19 @@ class SimPOTrainer:
         self.layout: Layout = layout or choose_layout(
             training.padding_free, self._attention_implementation(), training.prefix_sharing
         )
+        if self.layout == "shared_prefix":
+            self._check_sliding_window()
+        if training.max_tokens_per_batch is None and len(train_data) < self.global_micro_batch:
+            raise ValueError(
+                f"{len(train_data)} training pairs cannot fill one micro-batch of "
+                f"{self.global_micro_batch} pairs (batch_size x workers)"
+            )
+        if len(self._epoch_micro_batches(0)) < self.world_size:
+            raise ValueError(
+                f"{len(train_data)} training pairs make fewer micro-batches of "
+                f"{training.max_tokens_per_batch} tokens than there are workers "
+                f"({self.world_size})"
+            )
         if training.compile_layers:
             _compile_decoder_layers(self.model)
         self.policy: nn.Module = PolicyLogps(self.model, chunk_tokens=training.logprob_chunk_tokens)
@@ -250,6 +263,22 @@ class SimPOTrainer:
         attention = getattr(config, "_attn_implementation", None)
         return attention if isinstance(attention, str) else None
 
+    def _check_sliding_window(self) -> None:
+        """The shared-prefix mask is plain causal: right only where a sliding window never
+        bites, i.e. no sequence of the unshared path is longer than the window (Mistral v0.1,
+        Gemma2's local layers). transformers cannot be handed one custom mask per layer type."""
+        config = getattr(self.model, "config", None)
+        window = getattr(config, "sliding_window", None)
+        if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+            return
+        longest = max(_padded_pair_lengths(self.train_data) + _padded_pair_lengths(self.eval_data))
+        if longest > window:
+            raise ValueError(
+                f"prefix_sharing=on: the model's sliding attention window ({window} tokens) is "
+                f"shorter than the longest prompt + response ({longest}), which the shared "
+                "prefix mask cannot express; use prefix_sharing off or a shorter data.max_length"
+            )
+
     def _parameter_groups(self) -> list[dict[str, Any]]:
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
@@ -285,14 +314,33 @@ class SimPOTrainer:
 
     @functools.cached_property
     def _train_pair_lengths(self) -> list[int]:
-        """Padded length of each training pair (prompt + longer response), counted once:
-        arrow-backed columns count from their offsets without building any pair's lists."""
+        """Padded length of each training pair (prompt + longer response), counted once."""
+        return _padded_pair_lengths(self.train_data)
+
+    @functools.cached_property
+    def _train_pair_costs(self) -> np.ndarray:
+        """Each training pair's cost against max_tokens_per_batch in this trainer's layout."""
         data = self.train_data
-        longer_response = np.maximum(
-            column_lengths(data.chosen_ids), column_lengths(data.rejected_ids)
+        return pair_token_costs(
+            column_lengths(data.prompt_ids),
+            column_lengths(data.chosen_ids),
+            column_lengths(data.rejected_ids),
+            self.layout,
         )
-        lengths: list[int] = (column_lengths(data.prompt_ids) + longer_response).tolist()
-        return lengths
+
+    def _epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's per-worker micro-batches in order; global micro-batch g is the
+        world_size of them from g * world_size, rank r taking the r-th (a tail too short for
+        a whole global micro-batch waits for the next epoch's shuffle). Deterministic in the
+        epoch, so a resumed run finds its position again from `batch_in_epoch` alone."""
+        order = self._epoch_order(epoch)
+        budget = self.training.max_tokens_per_batch
+        if budget is not None:
+            padded = self.layout == "padded"
+            return token_budget_micro_batches(order, self._train_pair_costs, budget, padded=padded)
+        size = self.training.batch_size
+        whole = len(order) // self.global_micro_batch * self.global_micro_batch
+        return [order[start : start + size] for start in range(0, whole, size)]
 
     def _collate(self, examples: Sequence[PairExample]) -> PairBatch:
         batch = collate_layout(examples, self.layout, self.pad_token_id)
@@ -301,15 +349,11 @@ class SimPOTrainer:
     def _train_micro_batches(self) -> Iterator[PairBatch]:
         """This rank's share of successive global micro-batches, resuming mid-epoch."""
         while True:
-            order = self._epoch_order(self.epoch)
-            batches_per_epoch = len(order) // self.global_micro_batch
+            micro_batches = self._epoch_micro_batches(self.epoch)
+            batches_per_epoch = len(micro_batches) // self.world_size
             while self.batch_in_epoch < batches_per_epoch:
-                start = (
-                    self.batch_in_epoch * self.global_micro_batch
-                    + self.rank * self.training.batch_size
-                )
+                indices = micro_batches[self.batch_in_epoch * self.world_size + self.rank]
                 self.batch_in_epoch += 1
-                indices = order[start : start + self.training.batch_size]
                 yield self._collate([pair_at(self.train_data, i) for i in indices])
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -335,14 +379,26 @@ class SimPOTrainer:
         means = sums_to_means(dict(zip(PAIR_SUMS, metric_totals, strict=True)), total_pairs, prefix)
         return means, total_tokens
 
+    def _step_pairs(self, batches: Sequence[PairBatch]) -> int:
+        """The pairs of this optimizer step over all ranks. Fixed batches hold as many on every
+        rank; token-budget micro-batches vary, so the ranks add theirs up (one small
+        all-reduce, which waits for the device)."""
+        local_pairs = sum(batch.num_pairs for batch in batches)
+        if self.training.max_tokens_per_batch is None or self.world_size == 1:
+            return local_pairs * self.world_size
+        total = _all_reduce_sum(torch.tensor(float(local_pairs), device=self.device))
+        return int(total.item())
+
     def train_step(self, micro_batches: Iterator[PairBatch]) -> dict[str, float]:
         self.model.train()
         started = time.perf_counter()
         accumulation = self.training.gradient_accumulation_steps
         sums = {name: torch.zeros((), device=self.device) for name in PAIR_SUMS}
         num_pairs = num_tokens = 0
-        for micro_step in range(accumulation):
-            batch = next(micro_batches)
+        # The step's pair count is needed before the first backward (each micro-batch's share).
+        batches = [next(micro_batches) for _ in range(accumulation)]
+        step_pairs = self._step_pairs(batches)
+        for micro_step, batch in enumerate(batches):
             is_last_micro = micro_step == accumulation - 1
             sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if isinstance(self.policy, nn.parallel.DistributedDataParallel) and not is_last_micro:
@@ -353,9 +409,9 @@ class SimPOTrainer:
             with sync:
                 with self._autocast():
                     loss, batch_sums = simpo_objective(self.policy(batch), self.simpo)
-                # Each micro-batch's loss is a mean over its pairs: dividing by the number of
-                # micro-batches makes the accumulated gradient the mean over the whole step.
-                (loss / accumulation).backward()
+                # Each micro-batch's loss is a mean over its pairs: weighted by its share of
+                # the step's pairs, the accumulated gradient is the mean over the whole step.
+                pair_weighted_loss(loss, batch.num_pairs, step_pairs, self.world_size).backward()
             for name in PAIR_SUMS:
                 sums[name] += batch_sums[name]
             num_pairs += batch.num_pairs
@@ -521,6 +577,14 @@ class SimPOTrainer:
             if stopped_reason:
                 break
         return TrainResult(self.step, metrics, stopped_reason, diagnosis)
+
+
+def _padded_pair_lengths(data: PairDataset) -> list[int]:
+    """Each pair's longer sequence (prompt + longer response): arrow-backed columns count from
+    their offsets without building any pair's lists."""
+    longer_response = np.maximum(column_lengths(data.chosen_ids), column_lengths(data.rejected_ids))
+    lengths: list[int] = (column_lengths(data.prompt_ids) + longer_response).tolist()
+    return lengths
 
 
 def _hold_weights(model: nn.Module, precision: Precision) -> nn.Module:

@@ -158,6 +158,16 @@ class TrainingSpec(StrictModel):
             "computed once (sdpa/eager only); auto: off (not measured faster on CPU yet)."
         ),
     )
+    max_tokens_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Fill each worker's micro-batch with pairs up to this many tokens instead of "
+            "batch_size pairs (the prompt counted twice, once under prefix sharing; padded "
+            "layout: pairs x the widest pair): even, large steps on ragged data. The loss stays "
+            "the mean over the step's pairs. At least 2 x data.max_length (the longest pair)."
+        ),
+    )
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="Response tokens projected through the LM head at once."
     )
@@ -540,6 +550,17 @@ class SweepSpec(StrictModel):
             raise ValueError(
                 f"search.scheduler.grace_period ({scheduler.grace_period} steps) exceeds "
                 f"training.max_steps ({self.training.max_steps}): no trial could ever be stopped"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _token_budget_holds_the_longest_pair(self) -> SweepSpec:
+        budget = self.training.max_tokens_per_batch
+        longest_pair = 2 * self.data.max_length
+        if budget is not None and budget < longest_pair:
+            raise ValueError(
+                f"training.max_tokens_per_batch ({budget}) is below the longest pair: "
+                f"2 x data.max_length = {longest_pair} tokens; raise it or lower data.max_length"
             )
         return self
 

@@ -78,6 +78,7 @@ def check_tracking_server(tracking_uri: str) -> None:
             f"cannot use the MLflow server at {shown}: {redact_text(text.splitlines()[0])}"
         ) from None
 
+
 TAG_SWEEP = "simpo_sweep.sweep"
 TAG_SWEEP_ID = "simpo_sweep.sweep_id"
 TAG_TRIAL_ID = "simpo_sweep.trial_id"
