@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from simpo_sweep.engine.models import load_model, load_tokenizer
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.export import export_trial, trial_checkpoints
 from simpo_sweep.service.storage import StorageLocation
 from simpo_sweep.service.sweep import SweepOutcome, run_sweep
-from simpo_sweep.spec.models import SweepSpec
+from simpo_sweep.spec.models import ModelSpec, SweepSpec
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -148,6 +149,68 @@ def test_the_best_trial_is_exported_registered_and_reproduces_its_accuracy(
     assert all(float(row["cpu_hours"]) > 0 for row in rows)
     for row in rows:
         assert len(trial_checkpoints(outcome.location, row["trial_id"])) == 2
+
+
+# A fresh interpreter with transformers and peft: the adapter folder alone finds its base
+# model (by the path it was trained from, as it would a hub id) and gives the merged folder's
+# log-probs.
+ADAPTER_SCRIPT = r"""
+import json, sys
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM
+
+adapter, merged = sys.argv[1], sys.argv[2]
+with_adapter = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+ids = torch.arange(3, 40)[None]
+with torch.no_grad():
+    print(json.dumps({
+        "base": with_adapter.peft_config["default"].base_model_name_or_path,
+        "max_difference": (with_adapter(ids).logits - plain(ids).logits).abs().max().item(),
+    }))
+"""
+
+
+def test_a_lora_trial_exports_its_adapter_or_merged_weights(tmp_path: Path) -> None:
+    base = tmp_path / "base-model"  # a model folder, loaded by path as a hub id would be
+    tokenizer = load_tokenizer(ModelSpec())
+    load_model(ModelSpec(), tokenizer, "cpu", seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    spec = _spec(
+        tmp_path,
+        model={"name": str(base), "lora": {"r": 8, "alpha": 16}},
+        export={"best": False},
+        search={"space": {"beta": {"type": "grid", "values": [2.0]}}},
+        training={"learning_rate": 1e-2},
+    )
+    outcome = _run(spec)
+    assert outcome.best is not None
+    sweep = str(outcome.sweep_dir)
+
+    adapter = export_trial(sweep, out=str(tmp_path / "adapter"))
+    merged = export_trial(sweep, out=str(tmp_path / "merged"), merge=True)
+
+    assert adapter.adapter_only and not merged.adapter_only
+    assert (adapter.folder / "adapter_config.json").is_file()
+    assert (adapter.folder / "adapter_model.safetensors").is_file()
+    assert not (adapter.folder / "model.safetensors").exists()
+    assert (merged.folder / "model.safetensors").is_file()
+    assert not (merged.folder / "adapter_config.json").exists()
+    # The merged folder is a plain model with the trial's held-out accuracy...
+    measured = _accuracy_in_a_fresh_process(merged.folder, tmp_path / "runs")
+    assert abs(measured["accuracy"] - outcome.best.metric) <= 1 / measured["pairs"] + 1e-9
+    # ...and the adapter on its base computes the same model.
+    done = subprocess.run(
+        [sys.executable, "-c", ADAPTER_SCRIPT, str(adapter.folder), str(merged.folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["base"] == str(base)
+    assert loaded["max_difference"] < 1e-4, loaded
 
 
 def test_export_errors_name_the_problem(tmp_path: Path) -> None:
