@@ -12,14 +12,16 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from simpo_sweep.engine.data import TokenizedSplit
-from simpo_sweep.engine.train import PairDataset, pair_at
+if TYPE_CHECKING:
+    from simpo_sweep.engine.data import TokenizedSplit
+    from simpo_sweep.engine.train import PairDataset
 
-# Nothing in the tests may reach a hub: the demo is built locally.
+# Nothing in the tests may reach a hub: the demo is built locally. Set before anything imports
+# huggingface_hub, which reads these once (so conftest imports no project module at its top).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -228,6 +230,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def ragged_pairs(split: PairDataset) -> TokenizedSplit:
     """`split`'s pairs at 1-3x their prompt and with shortened responses: the demo's pair costs
     (all 32-38 tokens) spread to ~20-110, so that a token budget holds different pair counts."""
+    from simpo_sweep.engine.data import TokenizedSplit
+    from simpo_sweep.engine.train import pair_at
+
     prompts, chosen, rejected = [], [], []
     for index in range(len(split)):
         pair = pair_at(split, index)

@@ -312,10 +312,9 @@ def _ray_job_id(stack: Stack, job_id: str) -> str:
 @pytest.mark.slow
 def test_submitted_sweep_runs_on_several_nodes_and_is_tracked(stack: Stack) -> None:
     # A node-local storage path is fine here: every node of this cluster is on one host.
-    # Trials long enough (several seconds each) that the second node's trial actor, which starts
-    # later than the first, gets one before the first actor has run them all.
+    # Worker nodes have one CPU each and the 3 trials start at once, so no node can hold two.
     spec = _spec(
-        stack, "main", training={"max_steps": 300, "eval_every": 100, "checkpoint_every": 100}
+        stack, "main", training={"max_steps": 120, "eval_every": 40, "checkpoint_every": 40}
     )
     job_id = _submit(stack, spec)
 
@@ -351,6 +350,7 @@ def test_submitted_sweep_runs_on_several_nodes_and_is_tracked(stack: Stack) -> N
     for child in children:
         assert "train/loss" in child.data.metrics, child.info.run_name
         assert child.data.params, child.info.run_name
+        assert child.data.tags["simpo_sweep.layout"] == "packed_rows"  # sdpa: packed, binned
 
     # The trials trained on more than one node, and each child run says which (one CPU per
     # worker node: two trials at once cannot share one).

@@ -431,6 +431,10 @@ class MetricLogger:
         with self._lock:
             self._pending.extend(fresh)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tags of the trial's run, in one request."""
+        self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []

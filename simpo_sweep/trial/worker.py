@@ -185,15 +185,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     logger = None
     if ray_io.rank == 0 and plan.run_id is not None and plan.tracking_uri is not None:
         logger = MetricLogger(plan.tracking_uri, plan.run_id)
-        # Where the trial ran (its rank-0 worker), for whoever debugs a multi-node sweep; a retry
-        # on another node overwrites it.
-        where = ray.get_runtime_context()
-        for key, value in {
+        # How the batches are laid out, and where the trial ran (its rank-0 worker), for whoever
+        # debugs a multi-node sweep; a retry on another node overwrites them.
+        tags = {
             "simpo_sweep.padding_free": str(trainer.packed).lower(),
+            "simpo_sweep.layout": trainer.layout,
             "simpo_sweep.node_ip": ray.util.get_node_ip_address(),
-            "simpo_sweep.ray_node_id": where.get_node_id(),
-        }.items():
-            logger.client.set_tag(plan.run_id, key, value)
+            "simpo_sweep.ray_node_id": ray.get_runtime_context().get_node_id(),
+        }
+        logger.set_tags(tags)
 
     generations = _GenerationHook.create(plan, prepared, tokenizer, device, logger)
     checkpoint = ray_io.latest_checkpoint()
@@ -249,9 +249,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 trainer.load_checkpoint(Path(directory))
             print(f"resumed from the checkpoint of step {trainer.step}", flush=True)
             if logger is not None:
-                logger.client.set_tag(
-                    logger.run_id, "simpo_sweep.resumed_from_step", str(trainer.step)
-                )
+                logger.set_tags({"simpo_sweep.resumed_from_step": str(trainer.step)})
         fit_started_at = time.time()
         trainer.fit(callback=on_step)
     finally:
