@@ -70,8 +70,9 @@ def choose_layout(
 
     `prefix_sharing` (TrainingSpec.prefix_sharing) `on` collates "shared_prefix" (the prompt
     once per pair, see `collate_shared_prefix`) and refuses an attention that takes no custom
-    4D mask; `auto` is off for now: on CPU it was not measured faster than packed rows
-    (bench/README.md, "Prefix sharing"), and the dense mask grows with the pair's length squared.
+    4D mask; `auto` is off for now: on CPU it is 1.14-1.33x packed rows' speed (bench/README.md,
+    "Prefix sharing"), but on a GPU its dense mask competes with varlen flash kernels, which
+    bench/gpu_round2.sh has yet to measure.
 
     `auto` packs exactly where `packing_layout` knows the attention honours packed position
     ids and pads otherwise; `on` insists on packing and refuses an attention implementation
