@@ -25,7 +25,7 @@ import random
 import resource
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -379,13 +379,12 @@ class SimPOTrainer:
         means = sums_to_means(dict(zip(PAIR_SUMS, metric_totals, strict=True)), total_pairs, prefix)
         return means, total_tokens
 
-    def _step_pairs(self, batches: Sequence[PairBatch]) -> int:
-        """The pairs of this optimizer step over all ranks. Fixed batches hold as many on every
-        rank; token-budget micro-batches vary, so the ranks add theirs up (one small
-        all-reduce, which waits for the device)."""
+    def _budgeted_step_pairs(self, batches: Sequence[PairBatch]) -> int:
+        """The pairs of a token-budget step over all ranks: micro-batches vary, so the ranks
+        add theirs up (one small all-reduce, which waits for the device)."""
         local_pairs = sum(batch.num_pairs for batch in batches)
-        if self.training.max_tokens_per_batch is None or self.world_size == 1:
-            return local_pairs * self.world_size
+        if self.world_size == 1:
+            return local_pairs
         total = _all_reduce_sum(torch.tensor(float(local_pairs), device=self.device))
         return int(total.item())
 
@@ -395,9 +394,17 @@ class SimPOTrainer:
         accumulation = self.training.gradient_accumulation_steps
         sums = {name: torch.zeros((), device=self.device) for name in PAIR_SUMS}
         num_pairs = num_tokens = 0
-        # The step's pair count is needed before the first backward (each micro-batch's share).
-        batches = [next(micro_batches) for _ in range(accumulation)]
-        step_pairs = self._step_pairs(batches)
+        batches: Iterable[PairBatch]
+        step_pairs: int | None = None
+        if self.training.max_tokens_per_batch is not None:
+            # The step's pair count is needed before the first backward (each micro-batch's
+            # share), so its micro-batches are collated up front.
+            batches = [next(micro_batches) for _ in range(accumulation)]
+            step_pairs = self._budgeted_step_pairs(batches)
+        else:
+            # Fixed batches: every micro-batch on every rank holds as many pairs; collated
+            # one at a time, as they are used.
+            batches = (next(micro_batches) for _ in range(accumulation))
         for micro_step, batch in enumerate(batches):
             is_last_micro = micro_step == accumulation - 1
             sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -411,7 +418,8 @@ class SimPOTrainer:
                     loss, batch_sums = simpo_objective(self.policy(batch), self.simpo)
                 # Each micro-batch's loss is a mean over its pairs: weighted by its share of
                 # the step's pairs, the accumulated gradient is the mean over the whole step.
-                pair_weighted_loss(loss, batch.num_pairs, step_pairs, self.world_size).backward()
+                pairs = step_pairs or batch.num_pairs * accumulation * self.world_size
+                pair_weighted_loss(loss, batch.num_pairs, pairs, self.world_size).backward()
             for name in PAIR_SUMS:
                 sums[name] += batch_sums[name]
             num_pairs += batch.num_pairs

@@ -362,14 +362,6 @@ def register_best(
         "model": AutoModelForCausalLM.from_pretrained(exported.folder),
         "tokenizer": AutoTokenizer.from_pretrained(exported.folder),
     }
-    with _global_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model=components,
-            name="model",
-            task="text-generation",
-            # Named, not inferred: inference imports every optional torch package it knows.
-            pip_requirements=_requirements(),
-        )
     tags = {
         "simpo_sweep.sweep_id": sweep_dir.name,
         "simpo_sweep.trial_id": exported.trial.trial_id,
@@ -377,6 +369,14 @@ def register_best(
         "simpo_sweep.metric_value": str(exported.trial.metric),
     }
     with _global_tracking_uri(uri):
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.transformers.log_model(
+                transformers_model=components,
+                name="model",
+                task="text-generation",
+                # Named, not inferred: inference imports every optional torch package it knows.
+                pip_requirements=_requirements(),
+            )
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     return str(version.version)
 
