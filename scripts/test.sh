@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 mypy
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=15 "$@"

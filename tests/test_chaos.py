@@ -15,13 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(960)
 def test_short_chaos_soak_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "chaos_soak.py"), "--short", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     figures = json.loads(out.read_text())

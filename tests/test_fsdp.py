@@ -306,6 +306,7 @@ def _results(storage: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.usefixtures("ray_local")
 def test_killed_fsdp_worker_resumes_from_its_sharded_checkpoint(tmp_path: Path) -> None:
     """SIGKILL one of two FSDP workers once a checkpoint is reported: the trial restarts its
@@ -330,7 +331,7 @@ def test_killed_fsdp_worker_resumes_from_its_sharded_checkpoint(tmp_path: Path) 
     runner.start()
     storage = Path(spec["storage"]["path"])
     # A two-worker group takes 20-200 s to start on a busy 2-core machine.
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 300
     while not _results(storage) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _results(storage), "no result before the deadline"
@@ -345,7 +346,7 @@ def test_killed_fsdp_worker_resumes_from_its_sharded_checkpoint(tmp_path: Path) 
     ]
     assert len(workers) >= 2, [" ".join(child.cmdline()) for child in workers]
     os.kill(workers[-1].pid, signal.SIGKILL)
-    runner.join(timeout=900)
+    runner.join(timeout=500)
     assert outcome, "the sweep did not finish"
     (row,) = outcome[0].rows
     assert row.state == STATE_COMPLETED and row.step == max_steps

@@ -72,7 +72,7 @@ def _run(spec: Path, username: str, password: str) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=450,
     )
 
 

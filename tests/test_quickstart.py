@@ -71,6 +71,7 @@ def user_home() -> Iterator[tuple[pwd.struct_passwd, Path]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.timeout(960)
 def test_quickstart_sweep_finds_a_configuration_that_learns(
     user_home: tuple[pwd.struct_passwd, Path],
 ) -> None:

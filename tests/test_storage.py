@@ -130,7 +130,7 @@ def test_quickstart_on_a_bucket_keeps_everything_there_and_resumes(
             text=True,
             env=env,
             cwd=tmp_path,
-            timeout=600,
+            timeout=450,
         )
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         sweep_prefix = spec_key.rsplit("/", 1)[0] + "/"
