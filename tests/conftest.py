@@ -33,6 +33,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 FUZZ_COUNTS: dict[str, dict[str, int]] = {}
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failure's traceback printed when it happens, not only in the summary at the end: a
+    CI run cut off at its time limit still shows why the tests before the cut failed."""
+    if report.failed:
+        traceback = report.longreprtext[-4000:]
+        sys.stderr.write(
+            f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.0f} s; "
+            f"{_machine_load()}):\n{traceback}\n"
+        )
+
+
+def _machine_load() -> str:
+    """Load average and free memory: whether a failure came with a starved machine."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return f"load {load}, {memory.available / 2**30:.1f} GiB of {memory.total / 2**30:.0f} free"
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for label, counts in FUZZ_COUNTS.items():
         if counts:
