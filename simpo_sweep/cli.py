@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # MLflow draws a progress bar for every artifact it reads back: the report reads a small
+    # table of each top trial's generations, and the bars would sit among the report's lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported here so that `--help` and `validate` answer without loading Ray or torch.
     from simpo_sweep.spec.loading import SpecError
 

@@ -105,8 +105,10 @@ def test_quickstart_sweep_finds_a_configuration_that_learns(
         },
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Ray's own banners and per-checkpoint lines stay out of the sweep's output.
-    for noise in ("Checkpoint successfully created", "tensorboard", "Configuration for experiment"):
+    # Ray's own banners and per-checkpoint lines, and MLflow's download bars, stay out of the
+    # sweep's output.
+    noises = ("Checkpoint successfully created", "tensorboard", "Configuration for experiment")
+    for noise in (*noises, "Downloading artifacts"):
         assert noise not in result.stdout + result.stderr
     (results,) = (tmp_path / "simpo_runs").glob("quickstart-*/results.csv")
     with results.open() as handle:
