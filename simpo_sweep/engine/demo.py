@@ -25,14 +25,21 @@ starts near 0.5; at learning rates 6e-4 to 2e-3 it passes 0.9 by step 75 and end
 (0.65-1.0 depending on the seed, about 0.8 at 5e-3). At 1e-3 every SimPO knob setting tried
 (beta 1-10, gamma_beta_ratio 0-1, hinge, label_smoothing up to 0.5, sft_weight 0.1) ends
 >= 0.99; sft_weight 1.0 slows learning (0.6-0.67 at 3e-4).
+
+`builtin:tiny-llama-sft` starts SimPO where it starts in practice, from an SFT model
+(build_sft_demo_model): there reward accuracy is high from the start and generation quality
+is what tells trials apart (search_spaces/generation-demo.yaml).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -127,14 +134,16 @@ class DemoModelShape:
     num_hidden_layers: int
     num_attention_heads: int
     max_position_embeddings: int = 256
+    # > 0: not a random init but the SFT stage SimPO starts from (see build_sft_demo_model).
+    sft_steps: int = 0
 
 
+_TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2}
 # Sized so that the counting task is learned in about 100 steps of a few hundredths of a second
 # each on one CPU core (calibration in the module docstring); add entries for more models.
 BUILTIN_MODELS: dict[str, DemoModelShape] = {
-    "tiny-llama": DemoModelShape(
-        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
-    ),
+    "tiny-llama": DemoModelShape(**_TINY, num_attention_heads=4),
+    "tiny-llama-sft": DemoModelShape(**_TINY, num_attention_heads=4, sft_steps=1500),
 }
 
 
@@ -169,8 +178,11 @@ def build_demo_model(
     """A randomly initialised Llama from the registry; the same seed gives the same weights.
 
     Any tokenizer works: the embedding table is sized from it. `attn_implementation` None lets
-    transformers choose (sdpa where available).
+    transformers choose (sdpa where available). An SFT entry (`tiny-llama-sft`) is one fixed
+    model, like a published SFT checkpoint: `seed` does not apply to it.
     """
+    if BUILTIN_MODELS.get(strip_builtin_prefix(name), _RANDOM_INIT).sft_steps:
+        return build_sft_demo_model(name, tokenizer, attn_implementation=attn_implementation)
     config = demo_model_config(name, tokenizer)
     # Seed a forked RNG so that building a model does not reset the caller's random stream.
     with torch.random.fork_rng(devices=[]):
@@ -180,6 +192,101 @@ def build_demo_model(
         )
     model.name_or_path = BUILTIN_PREFIX + strip_builtin_prefix(name)
     return model
+
+
+_RANDOM_INIT = DemoModelShape(0, 0, 0, 0)
+# Bump when the SFT stage's recipe changes, so models built by the old one are not reused.
+SFT_RECIPE_VERSION = 1
+SFT_DATA_SEED = 1234
+
+
+def demo_model_cache() -> Path:
+    """Where built SFT demo models are kept: $SIMPO_SWEEP_CACHE or ~/.cache/simpo-sweep."""
+    root = os.environ.get("SIMPO_SWEEP_CACHE") or Path.home() / ".cache" / "simpo-sweep"
+    return Path(root) / "builtin-models"
+
+
+def build_sft_demo_model(
+    name: str, tokenizer: PreTrainedTokenizerBase, *, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """The demo's stand-in for the SFT checkpoint that SimPO starts from in practice.
+
+    The seed-0 random init after `sft_steps` steps of next-token training on the counting
+    task's answers, the rule-breaking ones as well as the right ones (each row's chosen and
+    rejected, 4000 rows drawn with their own seed): it writes counts in the task's format,
+    about half of them the count the prompt asks for. From there the preference loss alone
+    can raise reward accuracy to 1.0 while the model unlearns to count, and an SFT term keeps
+    it counting: the gap that generation evaluation exists to show.
+
+    Built once (about 20 s on one CPU thread) into demo_model_cache() through a temporary
+    folder and a rename, so trials starting at once never load a half-written model; later
+    loads read it back like a hub model.
+    """
+    key = strip_builtin_prefix(name)
+    shape = BUILTIN_MODELS[key]
+    demo_tokenizer = build_demo_tokenizer()
+    if tokenizer.get_vocab() != demo_tokenizer.get_vocab():
+        raise ValueError(f"{name} was trained with the demo tokenizer; use model.tokenizer unset")
+    folder = demo_model_cache() / f"{key}-v{SFT_RECIPE_VERSION}"
+    if not (folder / "config.json").is_file():
+        model = build_demo_model(key.removesuffix("-sft"), demo_tokenizer, seed=0)
+        _supervised_fine_tune(model, demo_tokenizer, steps=shape.sft_steps)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{key}-") as temporary:
+            model.save_pretrained(temporary)
+            try:
+                os.rename(temporary, folder)
+            except OSError:  # another process's build landed first: the same model
+                pass
+            else:
+                os.mkdir(temporary)  # for TemporaryDirectory's clean-up
+    loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation=attn_implementation
+    )
+    loaded.name_or_path = BUILTIN_PREFIX + key
+    return loaded
+
+
+def _supervised_fine_tune(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, steps: int
+) -> None:
+    """Next-token loss on the response tokens, AdamW at 3e-3, 32 answers a step; one CPU
+    thread and fixed seeds, so every machine of one kind builds the same weights."""
+    examples: list[tuple[list[int], list[int]]] = []
+    for row in _counting_rows(4000, seed=SFT_DATA_SEED):
+        messages = [{"role": "user", "content": row["prompt"]}]
+        prompt_text = str(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+        prompt_ids = tokenizer.encode(prompt_text)
+        for answer in (row["chosen"], row["rejected"]):
+            examples.append((prompt_ids, [*tokenizer.encode(answer), tokenizer.eos_token_id]))
+    order = random.Random(SFT_DATA_SEED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SFT_DATA_SEED)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            model.train()
+            for _ in range(steps):
+                batch = order.sample(examples, 32)
+                width = max(len(prompt_ids) + len(answer_ids) for prompt_ids, answer_ids in batch)
+                input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+                labels = torch.full((len(batch), width), -100)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for index, (prompt_ids, answer_ids) in enumerate(batch):
+                    sequence = torch.tensor(prompt_ids + answer_ids)
+                    input_ids[index, : len(sequence)] = sequence
+                    attention_mask[index, : len(sequence)] = 1
+                    labels[index, len(prompt_ids) : len(sequence)] = sequence[len(prompt_ids) :]
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
 
 
 # ---- preference data ---------------------------------------------------------------------------

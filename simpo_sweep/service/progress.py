@@ -163,12 +163,15 @@ class SweepProgress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        value = result.get(self.metric)
-        if isinstance(value, int | float) and math.isfinite(value):
+        reported = result.get(self.metric)
+        # NaN: a metric not measured at this step (generations are scored every
+        # evaluation.every steps, reward metrics every eval_every).
+        value = float(reported) if isinstance(reported, int | float) else math.nan
+        if math.isfinite(value):
             better = self.best is None or self.sign * value > self.sign * self.best[0]
             if better:
-                self.best = (float(value), trial.trial_id)
-        shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
+                self.best = (value, trial.trial_id)
+        shown = f"{value:.4f}" if math.isfinite(value) else "-"
         self._say(
             f"{trial.trial_id} step {result.get(STEP, '?'):>5} {self.metric}={shown}  "
             f"best {self._best_text()}"
