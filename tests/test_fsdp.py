@@ -30,7 +30,7 @@ from simpo_sweep.engine.checkpoint import (
 )
 from simpo_sweep.engine.data import PreparedData, load_prepared, prepare_data
 from simpo_sweep.engine.models import load_model, load_tokenizer
-from simpo_sweep.engine.train import SimPOTrainer
+from simpo_sweep.engine.train import SimPOTrainer, settle_collectives
 from simpo_sweep.spec.models import DataSpec, ModelSpec, SimPOSpec, TrainingSpec
 
 MODEL = ModelSpec()
@@ -124,6 +124,7 @@ def _worker(rank: int, world: int, job: dict[str, Any]) -> None:
                     }
                 )
             )
+        settle_collectives()
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -30,6 +30,7 @@ from simpo_sweep.engine.generation import (
     win,
 )
 from simpo_sweep.engine.scorers import RuleScorer
+from simpo_sweep.engine.train import settle_collectives
 from simpo_sweep.spec.models import EvaluationSpec
 
 # ---- formulas ----------------------------------------------------------------------------------
@@ -293,6 +294,7 @@ def _evaluate_on_rank(rank: int, world_size: int, port: int, shard: bool, out: s
         )
         evaluation = evaluator.evaluate(model, step=10)
         Path(f"{out}.{rank}").write_bytes(pickle.dumps((evaluation.records, evaluation.metrics)))
+        settle_collectives()
     finally:
         dist.destroy_process_group()
 

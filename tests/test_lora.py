@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from simpo_sweep.engine.checkpoint import checkpoint_info, load_full_model_state
 from simpo_sweep.engine.data import PreparedData, load_prepared, prepare_data
 from simpo_sweep.engine.models import load_model, load_tokenizer
-from simpo_sweep.engine.train import SimPOTrainer, StepEvent
+from simpo_sweep.engine.train import SimPOTrainer, StepEvent, settle_collectives
 from simpo_sweep.spec.models import DataSpec, LoraSpec, ModelSpec, SimPOSpec, TrainingSpec
 
 # Rank 8 on every linear layer (23.5k trainable weights of the demo's 0.16M) at a learning rate
@@ -126,6 +126,7 @@ def _lora_worker(rank: int, world: int, job: dict[str, Any]) -> None:
         if rank == 0:
             metrics = {k: v for k, v in result.metrics.items() if not k.startswith("perf/")}
             Path(job["out"]).write_text(json.dumps(metrics))
+        settle_collectives()
     finally:
         if world > 1:
             dist.destroy_process_group()

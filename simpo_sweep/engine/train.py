@@ -136,6 +136,21 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def settle_collectives() -> None:
+    """Call on every rank before the process group is destroyed (or the worker returns to
+    Ray Train, which destroys it right away).
+
+    After a collective completes, ProcessGroupGloo's worker thread still has to drop the
+    work's tensors, and for a tensor made in Python that takes the GIL. The group's
+    destructor joins that thread while holding the GIL (torch 2.13), so a group destroyed
+    straight after a collective can deadlock, or abort with "terminate called without an
+    active exception" (seen with two gloo ranks in tests, about one run in ten). A barrier
+    and a moment with the GIL released let the worker threads finish first."""
+    if _world()[1] > 1:
+        dist.barrier()
+        time.sleep(0.05)
+
+
 def _lr_lambda(training: TrainingSpec) -> Callable[[int], float]:
     warmup = int(training.warmup_ratio * training.max_steps)
 

@@ -33,7 +33,7 @@ from simpo_sweep.engine.generation import (
 )
 from simpo_sweep.engine.models import load_model, load_tokenizer, resolve_precision
 from simpo_sweep.engine.scorers import build_scorer
-from simpo_sweep.engine.train import SimPOTrainer, StepEvent
+from simpo_sweep.engine.train import SimPOTrainer, StepEvent, settle_collectives
 from simpo_sweep.tracking.mlflow_runs import MetricLogger, generations_artifact, log_table
 from simpo_sweep.trial.outcome import DIAGNOSIS, STEP, VERDICT
 from simpo_sweep.trial.plan import WorkerPlan
@@ -252,6 +252,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 logger.set_tags({"simpo_sweep.resumed_from_step": str(trainer.step)})
         fit_started_at = time.time()
         trainer.fit(callback=on_step)
+        settle_collectives()
     finally:
         if logger is not None:
             # The run stays open: the driver decides the trial's state from what was reported
