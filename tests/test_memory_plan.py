@@ -197,3 +197,24 @@ def test_a_spec_without_gpus_gets_no_gpu_check() -> None:
     memory = plan_trial(spec.model, spec.data, spec.training, spec.resources)
     assert memory.memory_gb is None and memory.fits
     assert memory.plan.precision == "fp32"
+
+
+def test_the_plan_is_made_for_the_largest_searched_trial(tmp_path: Path) -> None:
+    """A batch size or length that only some trials sample still has to fit: validate plans
+    the trial with every searched memory knob at its largest, and says which that is."""
+    raw = yaml.safe_load((SPECS / "simpo-lora-8b-one-gpu.yaml").read_text())
+    raw["training"]["batch_size"], raw["data"]["max_length"] = 1, 1900  # the fixed values
+    space = raw["search"]["space"]
+    space["batch_size"] = {"type": "choice", "values": [1, 2]}
+    space["data.max_length"] = {"type": "grid", "values": [1900, 2048]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    text = validate(load_spec(path))
+    assert "memory plan (the largest trial: batch_size=2, data.max_length=2048):" in text
+    assert "8192 tokens per micro-batch" in text  # 2 pairs x chosen and rejected x 2048
+
+    space["batch_size"] = {"type": "choice", "values": [2, 64]}  # 2 fits, 64 does not
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match=r"needs ~\d+ GB per GPU"):
+        validate(load_spec(path))

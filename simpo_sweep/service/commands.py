@@ -13,7 +13,13 @@ from simpo_sweep.service.storage import find_sweep_dir, load_sweep_spec, trackin
 from simpo_sweep.service.sweep import SweepOutcome, alive_nodes, cluster_resources, connect
 from simpo_sweep.spec.loading import Problem, SpecError, check_resources, load_spec
 from simpo_sweep.spec.models import GENERATION_METRIC_PREFIX, SweepSpec
-from simpo_sweep.spec.space import count_trials, describe_space, searched_keys
+from simpo_sweep.spec.space import (
+    count_trials,
+    describe_space,
+    largest_memory_trial,
+    param_name,
+    searched_keys,
+)
 from simpo_sweep.tracking.mlflow_runs import is_local_store
 from simpo_sweep.tracking.redact import redact_text
 
@@ -76,19 +82,28 @@ def validate(spec: SweepSpec, address: str | None = None) -> str:
 
 
 def memory_lines(spec: SweepSpec) -> list[str]:
-    """The memory plan of a trial (the spec's fixed values; searched ones move it), refused
-    when resources.gpu_memory_gb is given and the plan does not fit it."""
+    """The memory plan of the sweep's largest trial (searched batch sizes, lengths, token
+    budgets and LoRA ranks at their largest), refused when resources.gpu_memory_gb is given
+    and the plan does not fit it."""
     from simpo_sweep.engine.memory import plan_trial
     from simpo_sweep.engine.models import lost_update_warning, resolve_precision
 
+    largest, values = largest_memory_trial(spec)
     try:
-        memory = plan_trial(spec.model, spec.data, spec.training, spec.resources)
+        memory = plan_trial(largest.model, largest.data, largest.training, largest.resources)
     except (OSError, ValueError) as error:
         return [f"memory plan: unknown ({redact_text(str(error)).splitlines()[0]})"]
     refusal = memory.refusal()
     if refusal:
         raise SpecError("memory plan", [Problem("resources.gpu_memory_gb", refusal)])
-    lines = ["memory plan:", *(f"  {line}" for line in memory.lines())]
+    title = "memory plan" + (
+        " (the largest trial: "
+        + ", ".join(f"{param_name(path)}={value:g}" for path, value in values.items())
+        + ")"
+        if values
+        else ""
+    )
+    lines = [f"{title}:", *(f"  {line}" for line in memory.lines())]
     if memory.memory_gb is None and spec.resources.gpus_per_worker > 0:
         lines.append("  (set resources.gpu_memory_gb to have it checked against the GPU)")
     device = "cuda" if spec.resources.gpus_per_worker > 0 else "cpu"

@@ -225,6 +225,38 @@ def spec_with_trial(spec: SweepSpec, sampled: Mapping[str, Any]) -> SweepSpec:
     )
 
 
+# Searched fields that a trial's peak memory grows with: the memory plan of a sweep is made for
+# the trial that has all of them at their largest, so that no sampled trial runs out of memory.
+MEMORY_KNOBS = (
+    "training.batch_size",
+    "training.max_tokens_per_batch",
+    "training.logprob_chunk_tokens",
+    "data.max_length",
+    "model.lora.r",
+)
+
+
+def largest_memory_trial(spec: SweepSpec) -> tuple[SweepSpec, dict[str, Any]]:
+    """The spec with every searched memory knob at the largest value its domains allow (over
+    every stage of a staged search), and those values by path; the spec itself when none of
+    them is searched."""
+    largest: dict[str, Any] = {}
+    spaces = [stage.space for stage in spec.search.stages] or [spec.search.space]
+    for space in spaces:
+        for key, domain in space.items():
+            path = resolve_key(key)
+            values = [
+                value
+                for value in domain_values_to_check(domain)
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            ]
+            if path in MEMORY_KNOBS and values:
+                largest[path] = max([*values, *([largest[path]] if path in largest else [])])
+    if not largest:
+        return spec, {}
+    return spec_with_trial(spec, largest), largest
+
+
 def flat_params(config: TrialConfig) -> dict[str, Any]:
     """A trial's full resolved configuration under flat readable names; a knob that has no
     effect under the trial's loss_type shows as `n/a` (the config itself keeps its 0.0)."""

@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from simpo_sweep.engine.memory import plan_trial, trial_strategy
 from simpo_sweep.spec.loading import Problem, SpecError
 from simpo_sweep.spec.models import SweepSpec
-from simpo_sweep.spec.space import flat_params, trial_config
+from simpo_sweep.spec.space import flat_params, largest_memory_trial, trial_config
 from simpo_sweep.tracking.mlflow_runs import SweepTracking, trial_index, trial_run_name
 from simpo_sweep.trial.plan import TrialPlan, WorkerPlan
 from simpo_sweep.trial.worker import train_worker
@@ -56,12 +56,14 @@ def _open_child_run(
 
 
 def memory_problems(spec: SweepSpec) -> list[Problem]:
-    """The spec's memory plan against resources.gpu_memory_gb (nothing to check without it,
-    or when the model's config cannot be read: the plan is then unknown, not refused)."""
+    """The memory plan of the sweep's largest trial against resources.gpu_memory_gb (nothing
+    to check without it, or when the model's config cannot be read: the plan is then
+    unknown, not refused)."""
     if spec.resources.gpu_memory_gb is None or spec.resources.gpus_per_worker == 0:
         return []
+    largest, _ = largest_memory_trial(spec)
     try:
-        memory = plan_trial(spec.model, spec.data, spec.training, spec.resources)
+        memory = plan_trial(largest.model, largest.data, largest.training, largest.resources)
     except (OSError, ValueError):
         return []
     refusal = memory.refusal()
