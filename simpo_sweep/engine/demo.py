@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from simpo_sweep.engine.batching import IGNORE_INDEX
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -181,8 +184,19 @@ def build_demo_model(
     transformers choose (sdpa where available). An SFT entry (`tiny-llama-sft`) is one fixed
     model, like a published SFT checkpoint: `seed` does not apply to it.
     """
-    if BUILTIN_MODELS.get(strip_builtin_prefix(name), _RANDOM_INIT).sft_steps:
+    shape = BUILTIN_MODELS.get(strip_builtin_prefix(name))
+    if shape is not None and shape.sft_steps:
         return build_sft_demo_model(name, tokenizer, attn_implementation=attn_implementation)
+    return _random_init(name, tokenizer, seed=seed, attn_implementation=attn_implementation)
+
+
+def _random_init(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
     config = demo_model_config(name, tokenizer)
     # Seed a forked RNG so that building a model does not reset the caller's random stream.
     with torch.random.fork_rng(devices=[]):
@@ -194,7 +208,6 @@ def build_demo_model(
     return model
 
 
-_RANDOM_INIT = DemoModelShape(0, 0, 0, 0)
 # Bump when the SFT stage's recipe changes, so models built by the old one are not reused.
 SFT_RECIPE_VERSION = 1
 SFT_DATA_SEED = 1234
@@ -214,7 +227,9 @@ def build_sft_demo_model(
     The seed-0 random init after `sft_steps` steps of next-token training on the counting
     task's answers, the rule-breaking ones as well as the right ones (each row's chosen and
     rejected, 4000 rows drawn with their own seed): it writes counts in the task's format,
-    about half of them the count the prompt asks for. From there the preference loss alone
+    not always the one the prompt asks for (0.77 of held-out prompts, greedy; it has seen
+    each instance's right count more often than any one broken count, so its held-out reward
+    accuracy is already 0.96). From there the preference loss alone
     can raise reward accuracy to 1.0 while the model unlearns to count, and an SFT term keeps
     it counting: the gap that generation evaluation exists to show.
 
@@ -226,20 +241,22 @@ def build_sft_demo_model(
     shape = BUILTIN_MODELS[key]
     demo_tokenizer = build_demo_tokenizer()
     if tokenizer.get_vocab() != demo_tokenizer.get_vocab():
-        raise ValueError(f"{name} was trained with the demo tokenizer; use model.tokenizer unset")
+        raise ValueError(f"{name} was trained with the demo tokenizer: leave model.tokenizer unset")
     folder = demo_model_cache() / f"{key}-v{SFT_RECIPE_VERSION}"
     if not (folder / "config.json").is_file():
-        model = build_demo_model(key.removesuffix("-sft"), demo_tokenizer, seed=0)
+        model = _random_init(name, demo_tokenizer, seed=0)
         _supervised_fine_tune(model, demo_tokenizer, steps=shape.sft_steps)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{key}-") as temporary:
+        temporary = tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-")
+        try:
             model.save_pretrained(temporary)
-            try:
-                os.rename(temporary, folder)
-            except OSError:  # another process's build landed first: the same model
-                pass
-            else:
-                os.mkdir(temporary)  # for TemporaryDirectory's clean-up
+            os.rename(temporary, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            # else another process's build landed first: the same model
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
     loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         folder, attn_implementation=attn_implementation
     )
@@ -273,7 +290,7 @@ def _supervised_fine_tune(
                 batch = order.sample(examples, 32)
                 width = max(len(prompt_ids) + len(answer_ids) for prompt_ids, answer_ids in batch)
                 input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-                labels = torch.full((len(batch), width), -100)
+                labels = torch.full((len(batch), width), IGNORE_INDEX)
                 attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for index, (prompt_ids, answer_ids) in enumerate(batch):
                     sequence = torch.tensor(prompt_ids + answer_ids)
