@@ -207,6 +207,19 @@ def test_a_token_budget_below_the_longest_pair_is_refused() -> None:
     assert spec.training.max_tokens_per_batch == 8192
 
 
+def test_searched_budgets_and_lengths_are_checked_at_their_hardest_pairing() -> None:
+    """Each value is fine alone; the smallest budget with the longest length is not."""
+    space = (
+        "name: s\ndata: {max_prompt_length: 64}\nsearch:\n  space:\n"
+        "    max_tokens_per_batch: {type: choice, values: [300, 4096]}\n"
+        "    data.max_length: {type: choice, values: [128, 256]}\n"
+    )
+    problem = only_problem(space)
+    assert "(300) is below the longest pair: 2 x data.max_length = 512" in problem.message
+    assert "the smallest budget and longest length the search allows" in problem.message
+    assert parse_spec(space.replace("[300, 4096]", "[512, 4096]")).search.space
+
+
 def test_grid_domains_need_grid_or_random() -> None:
     problem = only_problem(
         "name: s\nsearch:\n  algorithm: optuna\n  space:\n    beta: {type: grid, values: [1, 2]}\n"

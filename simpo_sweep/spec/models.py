@@ -554,14 +554,51 @@ class SweepSpec(StrictModel):
             )
         return self
 
+    def _values_trials_take(self, keys: tuple[str, ...], fixed: Any) -> list[Any]:
+        """The values of a field that trials can train with: its searched domain's values or
+        bounds (any stage's) when the space names it under one of `keys`, else `fixed`."""
+        spaces = [stage.space for stage in self.search.stages] or [self.search.space]
+        values = [
+            value
+            for space in spaces
+            for key, domain in space.items()
+            if key in keys
+            for value in (
+                domain.values
+                if isinstance(domain, ChoiceDomain | GridDomain)
+                else [domain.low, domain.high]
+            )
+        ]
+        return values or [fixed]
+
     @model_validator(mode="after")
     def _token_budget_holds_the_longest_pair(self) -> SweepSpec:
-        budget = self.training.max_tokens_per_batch
-        longest_pair = 2 * self.data.max_length
-        if budget is not None and budget < longest_pair:
+        # Checked for the hardest trial the space allows: its smallest budget with its
+        # longest sequences (a pair longer than the budget cannot be put in any micro-batch).
+        budgets = self._values_trials_take(
+            ("max_tokens_per_batch", "training.max_tokens_per_batch"),
+            self.training.max_tokens_per_batch,
+        )
+        lengths = self._values_trials_take(("data.max_length",), self.data.max_length)
+        # Values of the wrong type are reported by the per-value check of the space.
+        numbers = [value for value in budgets if isinstance(value, int | float)]
+        numeric_lengths = [value for value in lengths if isinstance(value, int | float)]
+        if not numbers or not numeric_lengths:
+            return self
+        budget, max_length = min(numbers), max(numeric_lengths)
+        if budget < 2 * max_length:
+            searched = budgets != [self.training.max_tokens_per_batch] or lengths != [
+                self.data.max_length
+            ]
             raise ValueError(
-                f"training.max_tokens_per_batch ({budget}) is below the longest pair: "
-                f"2 x data.max_length = {longest_pair} tokens; raise it or lower data.max_length"
+                f"training.max_tokens_per_batch ({budget:g}) is below the longest pair: "
+                f"2 x data.max_length = {2 * max_length:g} tokens"
+                + (
+                    " (the smallest budget and longest length the search allows)"
+                    if searched
+                    else ""
+                )
+                + "; raise it or lower data.max_length"
             )
         return self
 
