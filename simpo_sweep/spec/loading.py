@@ -15,10 +15,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from simpo_sweep.spec.models import Domain, SweepSpec
+from simpo_sweep.spec.models import Domain, SweepSpec, domain_values_to_check
 from simpo_sweep.spec.space import (
     SEARCHABLE_SECTIONS,
-    domain_values_to_check,
     resolve_key,
     searchable_paths,
     set_path,

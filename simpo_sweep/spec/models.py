@@ -379,6 +379,15 @@ Domain = Annotated[
 ]
 
 
+def domain_values_to_check(domain: Any) -> list[Any]:
+    """The values whose validity decides whether a domain is possible for its field."""
+    if isinstance(domain, ChoiceDomain | GridDomain):
+        return list(domain.values)
+    if isinstance(domain, UniformDomain | LogUniformDomain | IntDomain):
+        return [domain.low, domain.high]
+    raise TypeError(domain)
+
+
 class ASHASpec(StrictModel):
     type: Literal["asha"]
     grace_period: int = Field(50, gt=0, description="Training steps before a trial can be stopped.")
@@ -417,6 +426,11 @@ class SearchSpec(StrictModel):
     time_budget_s: float | None = Field(None, gt=0)
     seed: int | None = 0
     stages: list[StageSpec] = Field(default_factory=list)
+
+    @property
+    def spaces(self) -> list[dict[str, Domain]]:
+        """The spaces trials are drawn from: each stage's in a staged search, else the one."""
+        return [stage.space for stage in self.stages] or [self.space]
 
     @model_validator(mode="before")
     @classmethod
@@ -557,17 +571,12 @@ class SweepSpec(StrictModel):
     def _values_trials_take(self, keys: tuple[str, ...], fixed: Any) -> list[Any]:
         """The values of a field that trials can train with: its searched domain's values or
         bounds (any stage's) when the space names it under one of `keys`, else `fixed`."""
-        spaces = [stage.space for stage in self.search.stages] or [self.search.space]
         values = [
             value
-            for space in spaces
+            for space in self.search.spaces
             for key, domain in space.items()
             if key in keys
-            for value in (
-                domain.values
-                if isinstance(domain, ChoiceDomain | GridDomain)
-                else [domain.low, domain.high]
-            )
+            for value in domain_values_to_check(domain)
         ]
         return values or [fixed]
 

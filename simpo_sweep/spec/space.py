@@ -22,6 +22,7 @@ from simpo_sweep.spec.models import (
     SweepSpec,
     TrialConfig,
     UniformDomain,
+    domain_values_to_check,
 )
 
 # Sections a trial may vary. Resources and storage are sweep-wide.
@@ -124,15 +125,6 @@ def param_name(path: str) -> str:
     return name if section in BARE_NAME_SECTIONS else path
 
 
-def domain_values_to_check(domain: Any) -> list[Any]:
-    """The values whose validity decides whether a domain is possible for its field."""
-    if isinstance(domain, ChoiceDomain | GridDomain):
-        return list(domain.values)
-    if isinstance(domain, UniformDomain | LogUniformDomain | IntDomain):
-        return [domain.low, domain.high]
-    raise TypeError(domain)
-
-
 def stage_specs(spec: SweepSpec) -> list[SweepSpec]:
     """A staged search as one plain spec per stage (fixed values not yet updated); else [spec]."""
     if not spec.search.stages:
@@ -153,8 +145,7 @@ def stage_specs(spec: SweepSpec) -> list[SweepSpec]:
 def searched_keys(spec: SweepSpec) -> list[str]:
     """Config paths of the knobs the sweep searches, each once: its space's, or in a staged
     search every stage's (the spec's own space is empty then)."""
-    spaces = [stage.space for stage in spec.search.stages] or [spec.search.space]
-    return list(dict.fromkeys(resolve_key(key) for space in spaces for key in space))
+    return list(dict.fromkeys(resolve_key(key) for space in spec.search.spaces for key in space))
 
 
 def describe_space(spec: SweepSpec) -> list[str]:
@@ -241,8 +232,7 @@ def largest_memory_trial(spec: SweepSpec) -> tuple[SweepSpec, dict[str, Any]]:
     every stage of a staged search), and those values by path; the spec itself when none of
     them is searched."""
     largest: dict[str, Any] = {}
-    spaces = [stage.space for stage in spec.search.stages] or [spec.search.space]
-    for space in spaces:
+    for space in spec.search.spaces:
         for key, domain in space.items():
             path = resolve_key(key)
             values = [
