@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import math
 import random
-import resource
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from simpo_sweep.engine import checkpoint as checkpoints
+from simpo_sweep.engine import process_memory
 from simpo_sweep.engine.batching import (
     Layout,
     PairBatch,
@@ -167,12 +167,6 @@ def _lr_lambda(training: TrainingSpec) -> Callable[[int], float]:
     return factor
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 class SimPOTrainer:
     def __init__(
         self,
@@ -210,6 +204,9 @@ class SimPOTrainer:
             warnings.warn(lost_update_warning(training.learning_rate), stacklevel=2)
         self.strategy: Strategy = strategy if self.world_size > 1 else "ddp"
         self.model = _hold_weights(model.to(self.device), self.precision)
+        # perf/peak_memory_mb is this trainer's peak, not that of whatever the process ran
+        # before it (earlier trials in a reused trial process).
+        process_memory.reset_peak(self.device)
         # `layout` overrides the choice from padding_free and the attention implementation.
         self.layout: Layout = layout or choose_layout(
             training.padding_free, self._attention_implementation(), training.prefix_sharing
@@ -455,7 +452,7 @@ class SimPOTrainer:
                 "train/learning_rate": learning_rate,
                 "perf/step_time_s": elapsed,
                 "perf/tokens_per_s": total_tokens / elapsed,
-                "perf/peak_memory_mb": _peak_memory_mb(self.device),
+                "perf/peak_memory_mb": process_memory.peak_bytes(self.device) / 2**20,
             }
         )
         return metrics

@@ -23,6 +23,7 @@ import ray.util
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from simpo_sweep.engine import process_memory
 from simpo_sweep.engine.data import PreparedData, load_prepared
 from simpo_sweep.engine.generation import (
     GENERATION_TIME,
@@ -152,11 +153,24 @@ class _GenerationHook:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    plan: WorkerPlan = loop_config["plan"]
+    """One trial's training on this worker. Tune reuses a single-worker trial's process for
+    the next trial, so what this trial allocated is handed back when it ends (and whatever
+    an earlier one left, before it starts): the N-th trial of a process holds what the first
+    did (engine.process_memory)."""
+    device = _device()
+    process_memory.release(device)
+    try:
+        _train(loop_config["plan"], device)
+    finally:
+        # Out of _train's frame: the trial's model, optimizer, data loaders and scorer are
+        # unreachable now, so their memory can go back.
+        process_memory.release(device)
+
+
+def _train(plan: WorkerPlan, device: torch.device) -> None:
     os.environ.update(plan.tracking_env)  # MLflow's client reads its credentials there
     config = plan.config
     ray_io = _RayReporting(loop_in_trial=plan.loop_in_trial)
-    device = _device()
     data = plan.data
     prepared = ray.get(data.object_ref) if data.object_ref is not None else load_prepared(data.path)
     tokenizer = load_tokenizer(config.model)
