@@ -6,7 +6,10 @@ hardware, one run. Every peer trains in its own subprocess (a clean allocator an
     python bench/engine_vs_trl.py --device cpu
     python bench/engine_vs_trl.py --device cuda --peers trl ours ours+fused_adamw+compile
 
-A peer is `trl` or `ours` plus `+`-joined modifiers:
+A peer is `trl`, `liger` or `ours`, the last plus `+`-joined modifiers. `liger` is the HF model's
+body over TRL's padded chosen+rejected batches with Liger-Kernel's LigerFusedLinearSimPOLoss on
+the last hidden states and the LM head's weight (TRL 1.16's CPOTrainer has no Liger option);
+`liger+nocompile` runs Liger's chunk loop without torch.compile. Modifiers of `ours`:
     fused_adamw   AdamW(fused=True) for the engine (TRL's Trainer already defaults to it on CUDA)
     compile       torch.compile every decoder layer (dynamic shapes)
     flex          attn_implementation="flex_attention" (varlen: every sequence in one row)
@@ -20,8 +23,13 @@ A peer is `trl` or `ours` plus `+`-joined modifiers:
                   under a 4D mask, the prompt computed once (`--prefix-sharing` adds an
                   `ours...+shared` peer after every `ours...` one)
 
-Presets: `cpu`, `cuda` (Qwen2-0.5B shapes), `cuda_1p5b` (Qwen2-1.5B shapes), `tiny`, and the
-prompt-heavy `cpu_prompt_heavy` / `tiny_prompt_heavy` (prompts ~4x the responses).
+Presets: `cpu`, `cuda` (Qwen2-0.5B shapes), `cuda_1p5b` (Qwen2-1.5B shapes), `tiny`, the
+prompt-heavy `cpu_prompt_heavy` / `tiny_prompt_heavy` (prompts ~4x the responses), and at 2048
+tokens `cuda_2k` (the `cuda` model) and `cuda_1p5b_2k` (the `cuda_1p5b` model, prompt-heavy).
+
+`--json` writes the preset's fields and the machine, and per peer its raw result with `peer`,
+`preset` (the name), `gpu`, `tokens_per_s`, `step_ms`, `mfu`, `mfu_useful` and `peak_bytes`
+(MFU on CUDA only, against H100_H200_SXM_DENSE_BF16_PEAK_TFLOPS).
 
 Tokens are the real (non-padding) prompt+response tokens of a step, identical for every peer.
 Peak memory: CUDA torch.cuda.max_memory_allocated over the training steps (weights, gradients
@@ -55,7 +63,10 @@ from torch import nn  # noqa: E402
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 FIRST_WORD = 4  # ids below are special tokens
-H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM dense bf16 peak (the H200 has the same tensor cores)
+# The MFU denominator: NVIDIA's dense (no 2:4 sparsity) bf16 tensor-core peak of the H100 SXM,
+# 989.4 TFLOP/s; NVIDIA lists the same figure for the H200 SXM (the same GH100 compute, more and
+# faster memory). MFU on any other GPU is printed against this peak too.
+H100_H200_SXM_DENSE_BF16_PEAK_TFLOPS = 989.4
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,45 @@ PRESETS = {
         attn="sdpa",
         warmup=3,
         steps=8,
+    ),
+    # the `cuda` model (Qwen2-0.5B shapes) at 2048 tokens: prompts and responses 16-1024 each
+    "cuda_2k": Preset(
+        arch="qwen2",
+        vocab=151_936,
+        hidden=896,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        intermediate=4864,
+        tie=True,
+        max_length=2048,
+        pairs=8,
+        prompt_range=(16, 1024),
+        response_range=(16, 1024),
+        dtype="bfloat16",
+        attn="sdpa",
+        warmup=2,
+        steps=4,
+    ),
+    # the `cuda_1p5b` model (Qwen2-1.5B shapes) at 2048 tokens, prompt-heavy: prompts 128-1536,
+    # responses 16-512 (means 832 vs 264)
+    "cuda_1p5b_2k": Preset(
+        arch="qwen2",
+        vocab=151_936,
+        hidden=1536,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        intermediate=8960,
+        tie=True,
+        max_length=2048,
+        pairs=8,
+        prompt_range=(128, 1536),
+        response_range=(16, 512),
+        dtype="bfloat16",
+        attn="sdpa",
+        warmup=2,
+        steps=4,
     ),
 }
 
@@ -414,6 +464,13 @@ class PeerResult:
     first_step_logps_chosen: float
     params: int
     notes: list[str] = field(default_factory=list)
+    preset: str = ""  # the preset's name (its fields are the JSON's top-level "preset")
+    gpu: str | None = None  # torch.cuda.get_device_name() on CUDA
+    # filled in by the parent from summarise(), so that every peer's JSON entry holds them
+    tokens_per_s: float | None = None
+    step_ms: float | None = None
+    mfu: float | None = None
+    mfu_useful: float | None = None
 
 
 # ---- our engine ---------------------------------------------------------------------------------
@@ -708,6 +765,148 @@ def run_trl(
     )
 
 
+# ---- Liger-Kernel's fused linear SimPO loss ------------------------------------------------------
+
+LIGER_NOTE = "HF model + Liger fused linear SimPO loss (TRL's CPOTrainer has no Liger path)"
+IGNORE = -100
+
+
+def trl_style_batch(
+    group: Sequence[tuple[list[int], list[int], list[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL's CPO batch: chosen rows then rejected rows, right-padded to the widest of all.
+
+    input_ids, attention_mask and labels (prompt and padding at -100), as TRL's
+    DataCollatorWithPadding + concatenated_inputs build them from the same sequences.
+    """
+    sequences = [(p, c) for p, c, _ in group] + [(p, r) for p, _, r in group]
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE)
+    for row, (prompt, response) in enumerate(sequences):
+        end = len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor(prompt + response)
+        attention_mask[row, :end] = 1
+        labels[row, len(prompt) : end] = torch.tensor(response)
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def run_liger(
+    preset: Preset, device: torch.device, modifiers: set[str], profile: Path | None
+) -> PeerResult:
+    """The model body over TRL's padded chosen+rejected batches, the loss by Liger-Kernel.
+
+    TRL 1.16's CPOTrainer computes the full logits and has no Liger option (its
+    `use_liger_kernel` only patches the model's layers), so this is what Liger's own SimPO
+    benchmark does: `LigerFusedLinearSimPOLoss` takes the last hidden states and the LM head's
+    weight and runs head, log-softmax, SimPO loss and their gradients one pair at a time
+    (`chunk_size=1`, the chunk loop torch.compile'd unless `nocompile`), never holding the whole
+    batch's logits. Same data, order, batch, beta, gamma (absolute: gamma_beta_ratio * beta, as
+    TRL's simpo_gamma), cpo_alpha 0 (no NLL term), AdamW(fused=True) as TRL's default optim,
+    max_grad_norm 1.0, constant lr, bf16 autocast over the model on CUDA as TRL's bf16=True.
+    """
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+    except Exception as error:  # not installed, or a torch/triton it cannot load
+        raise SystemExit(
+            f"liger peer: liger_kernel.chunked_loss cannot be imported "
+            f"({type(error).__name__}: {error}); install liger-kernel (pip install --no-deps "
+            f"liger-kernel, or its wheel from .whl/)"
+        ) from error
+
+    model = build_model(preset, device, preset.attn)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    hf_model = cast(Any, model)  # a transformers *ForCausalLM
+    body = cast(nn.Module, hf_model.model)
+    head = cast(nn.Linear, hf_model.get_output_embeddings())
+    compiled = "nocompile" not in modifiers
+    loss_fn = LigerFusedLinearSimPOLoss(
+        ignore_index=IGNORE,
+        beta=BETA,
+        alpha=0.0,  # cpo_alpha=0: no NLL term
+        label_smoothing=0.0,
+        compute_nll_loss=False,
+        compiled=compiled,
+        gamma=GAMMA_BETA_RATIO * BETA,  # absolute, as TRL's simpo_gamma: beta * dlogp - gamma
+        chunk_size=1,
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=LEARNING_RATE,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        fused=True,
+    )
+    autocast: Any = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    pairs = make_pairs(preset)
+
+    def train_step(group: Sequence[tuple[list[int], list[int], list[int]]]) -> tuple[float, int]:
+        input_ids, attention_mask, labels = trl_style_batch(group, device)
+        with autocast:
+            hidden = body(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+        # position t predicts token t + 1, as TRL's get_batch_logps shifts
+        loss, aux = loss_fn(head.weight, hidden[:, :-1], labels[:, 1:], head.bias)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(aux[0].detach().float().mean()), input_ids.numel()
+
+    slots = 0
+    step_seconds: list[float] = []
+    step_cpu_seconds: list[float] = []
+    first_logps = float("nan")
+    with PeakMemory(device) as memory:
+        for step in range(preset.warmup + preset.steps):
+            group = pairs[step * preset.pairs : (step + 1) * preset.pairs]
+            synchronize(device)
+            started, started_cpu = time.perf_counter(), time.process_time()
+            logps_chosen, positions = train_step(group)  # .item() synchronises too
+            synchronize(device)
+            if step == 0:
+                first_logps = logps_chosen
+            if step >= preset.warmup:
+                step_seconds.append(time.perf_counter() - started)
+                step_cpu_seconds.append(time.process_time() - started_cpu)
+                slots += positions
+        if profile is not None:  # the first batch again, untimed, as the other peers
+            with profiler(device) as recorded:
+                started = time.perf_counter()
+                train_step(pairs[: preset.pairs])
+                synchronize(device)
+            write_profile(recorded, device, profile, time.perf_counter() - started)
+    measured = step_data(preset, pairs[preset.warmup * preset.pairs :])
+    notes = [
+        LIGER_NOTE,
+        "AdamW fused",
+        "chunk loop " + ("torch.compile'd" if compiled else "eager"),
+    ]
+    return PeerResult(
+        peer="",
+        layout="padded (TRL-style chosen+rejected), Liger chunked head+loss",
+        step_seconds=step_seconds,
+        step_cpu_seconds=step_cpu_seconds,
+        tokens=measured.tokens,
+        response_tokens=measured.response_tokens,
+        squared_lengths=measured.squared_lengths,
+        slots=slots,
+        peak_bytes=memory.reported,
+        baseline_bytes=memory.baseline,
+        first_step_logps_chosen=first_logps,
+        params=params,
+        notes=notes,
+    )
+
+
 # ---- the parent: run every peer, compare --------------------------------------------------------
 
 
@@ -715,8 +914,14 @@ def parse_peer(peer: str) -> tuple[str, set[str], int]:
     name, *modifiers = peer.split("+")
     chunk = 1024
     rest = set()
+    if name not in {"ours", "trl", "liger"}:
+        raise ValueError(f"unknown peer {name!r}")
     for modifier in modifiers:
-        if modifier.startswith("chunk"):
+        if name == "liger":  # only its own modifier
+            if modifier != "nocompile":
+                raise ValueError(f"liger takes only the modifier nocompile, not {modifier!r}")
+            rest.add(modifier)
+        elif modifier.startswith("chunk"):
             chunk = int(modifier.removeprefix("chunk"))
         elif modifier in {
             "fused_adamw",
@@ -730,22 +935,28 @@ def parse_peer(peer: str) -> tuple[str, set[str], int]:
             rest.add(modifier)
         else:
             raise ValueError(f"unknown modifier {modifier!r} in {peer!r}")
-    if name not in {"ours", "trl"}:
-        raise ValueError(f"unknown peer {name!r}")
     return name, rest, chunk
 
 
-def child(peer: str, preset: Preset, device: torch.device, profile_dir: Path | None) -> PeerResult:
+def child(
+    peer: str,
+    preset: Preset,
+    preset_name: str,
+    device: torch.device,
+    profile_dir: Path | None,
+) -> PeerResult:
     name, modifiers, chunk = parse_peer(peer)
     profile = None
     if profile_dir is not None:
         profile = profile_dir / f"profile_{peer.replace('+', '-')}.txt"
-    result = (
-        run_ours(preset, device, modifiers, chunk, profile)
-        if name == "ours"
-        else run_trl(preset, device, modifiers, profile)
-    )
-    return replace(result, peer=peer)
+    if name == "ours":
+        result = run_ours(preset, device, modifiers, chunk, profile)
+    elif name == "liger":
+        result = run_liger(preset, device, modifiers, profile)
+    else:
+        result = run_trl(preset, device, modifiers, profile)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    return replace(result, peer=peer, preset=preset_name, gpu=gpu)
 
 
 @dataclass
@@ -770,7 +981,7 @@ def summarise(result: PeerResult, preset: Preset, device: torch.device) -> Row:
         attention = 6 * preset.layers * preset.hidden * result.squared_lengths
         conventional = 6 * result.params * result.tokens + attention
         useful = 6 * body * result.tokens + 6 * head * result.response_tokens + attention
-        peak = H100_BF16_DENSE_TFLOPS * 1e12
+        peak = H100_H200_SXM_DENSE_BF16_PEAK_TFLOPS * 1e12
         mfu, mfu_useful = conventional / seconds / peak, useful / seconds / peak
     step_ms = 1000 * seconds / len(result.step_seconds)
     tokens_per_cpu_s = result.tokens / sum(result.step_cpu_seconds)
@@ -826,6 +1037,10 @@ def describe_machine(device: torch.device) -> str:
         import trl
 
         parts.append(f"trl {trl.__version__}")
+    with contextlib.suppress(Exception):  # its version without importing it (and triton)
+        from importlib.metadata import version
+
+        parts.append(f"liger-kernel {version('liger-kernel')}")
     if device.type == "cuda":
         parts.insert(0, torch.cuda.get_device_name())
     else:
@@ -888,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        result = child(args.child, preset, device, args.profile)
+        result = child(args.child, preset, args.preset or args.device, device, args.profile)
         print("RESULT " + json.dumps(asdict(result)), flush=True)
         return 0
 
@@ -934,9 +1149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.json.write_text(json.dumps(raw, indent=2))
             continue
         result = PeerResult(**json.loads(lines[-1].removeprefix("RESULT ")))
-        raw[peer] = asdict(result)
         row = summarise(result, preset, device)
         rows.append(row)
+        raw[peer] = asdict(
+            replace(
+                result,
+                tokens_per_s=row.tokens_per_s,
+                step_ms=row.step_ms,
+                mfu=row.mfu,
+                mfu_useful=row.mfu_useful,
+            )
+        )
         print(
             f"{peer}: {row.tokens_per_s:,.0f} tokens/s, {row.step_ms:,.1f} ms/step, "
             f"peak {result.peak_bytes / 2**30:.2f} GiB, first-step logps/chosen "

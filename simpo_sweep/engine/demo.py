@@ -214,7 +214,8 @@ SFT_DATA_SEED = 1234
 
 
 def demo_model_cache() -> Path:
-    """Where built SFT demo models are kept: $SIMPO_SWEEP_CACHE or ~/.cache/simpo-sweep."""
+    """Where built SFT demo models (and converted built-in real models, engine/pretrained.py)
+    are kept: $SIMPO_SWEEP_CACHE or ~/.cache/simpo-sweep, under builtin-models/."""
     root = os.environ.get("SIMPO_SWEEP_CACHE") or Path.home() / ".cache" / "simpo-sweep"
     return Path(root) / "builtin-models"
 

@@ -254,6 +254,13 @@ def _torch_varlen_attention(
     if query.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
+        if torch.is_autocast_enabled("cuda"):
+            # varlen_attn is a custom op that autocast does not cast (sdpa it does), and under
+            # bf16-mixed the rotary embedding leaves q and k in float32 (float32 residual
+            # stream): flash attention takes bf16/fp16 only, so cast as autocast would.
+            compute = torch.get_autocast_dtype("cuda")
+            q, k, v = q.to(compute), k.to(compute), v.to(compute)
+
         options = _varlen_causal_options()
         if "scale" in _VARLEN_PARAMETERS:
             options["scale"] = scaling

@@ -176,14 +176,17 @@ def _count(parameters: int) -> str:
 
 
 def model_config(model: ModelSpec) -> Any:
-    """The model's transformers config: the demo's for builtin:, else AutoConfig (a hub id
-    needs the hub or its local cache; a local folder needs its config.json only), else, for a
-    model of KNOWN_CONFIGS, its published shape. ValueError when none of them answers."""
+    """The model's transformers config: the demo's for a demo builtin:, else AutoConfig (a hub
+    id needs the hub or its local cache; a local folder or a built-in real model's converted
+    one needs its config.json only), else, for a model of KNOWN_CONFIGS, its published shape.
+    ValueError when none of them answers."""
     from simpo_sweep.engine import demo
     from simpo_sweep.engine.models import load_tokenizer
+    from simpo_sweep.engine.pretrained import resolve_model_source
 
-    if demo.is_builtin(model.name):
-        return demo.demo_model_config(model.name, load_tokenizer(model))
+    name = resolve_model_source(model.name)
+    if demo.is_builtin(name):
+        return demo.demo_model_config(name, load_tokenizer(model))
     from transformers import AutoConfig
 
     known = KNOWN_CONFIGS.get(model.name)
@@ -191,7 +194,7 @@ def model_config(model: ModelSpec) -> Any:
         # A known model is not worth the hub's retries (half a minute offline): its cached
         # config, else the table.
         return AutoConfig.from_pretrained(
-            model.name,
+            name,
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
             local_files_only=known is not None,

@@ -1,4 +1,8 @@
-"""Tokenizer and model loading from a `ModelSpec`: built-in demo names or Hugging Face ids/paths."""
+"""Tokenizer and model loading from a `ModelSpec`: built-in names or Hugging Face ids/paths.
+
+A built-in real model (engine/pretrained.py) resolves to its converted folder first and is then
+loaded like any local path; the other built-in names are the demo's (engine/demo.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from simpo_sweep.engine import demo
+from simpo_sweep.engine.pretrained import resolve_model_source
 from simpo_sweep.spec.models import ModelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,10 +55,11 @@ def training_dtype(precision: Precision) -> torch.dtype:
 def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
     """The spec's tokenizer (`tokenizer`, else `name`), always with a pad token.
 
-    A `builtin:` name gives the demo tokenizer, so a built-in model can also be paired with a
-    real tokenizer (its embedding table is sized from the tokenizer it is built with).
+    A built-in real model's name gives its own tokenizer; another `builtin:` name gives the
+    demo tokenizer, so a demo model can also be paired with a real tokenizer (its embedding
+    table is sized from the tokenizer it is built with).
     """
-    source = model.tokenizer or model.name
+    source = resolve_model_source(model.tokenizer or model.name)
     tokenizer: PreTrainedTokenizerBase
     if demo.is_builtin(source):
         tokenizer = demo.build_demo_tokenizer()
@@ -113,9 +119,10 @@ def load_model(
         dtype = resolve_dtype(model, device)
     attn_implementation = None if model.attn_implementation == "auto" else model.attn_implementation
     loaded: PreTrainedModel
-    if demo.is_builtin(model.name):
+    name = resolve_model_source(model.name)
+    if demo.is_builtin(name):
         loaded = demo.build_demo_model(
-            model.name, tokenizer, seed=seed, attn_implementation=attn_implementation
+            name, tokenizer, seed=seed, attn_implementation=attn_implementation
         )
         loaded = _move(loaded, dtype=dtype)
     else:
@@ -126,7 +133,7 @@ def load_model(
         }
         if attn_implementation is not None:
             options["attn_implementation"] = attn_implementation
-        loaded = AutoModelForCausalLM.from_pretrained(model.name, **options)
+        loaded = AutoModelForCausalLM.from_pretrained(name, **options)
     loaded = _move(loaded, device=device)
     if model.lora is not None:
         from simpo_sweep.engine.lora import apply_lora

@@ -184,7 +184,8 @@ class SimPOTrainer:
         strategy: Strategy = "ddp",
         checkpoint_info: dict[str, Any] | None = None,
     ):
-        """`strategy` applies with several ranks (one process has nothing to shard).
+        """`strategy` applies under torch.distributed (without a process group there is nothing to
+        shard or replicate).
         `checkpoint_info` is recorded in every checkpoint's marker (e.g. the LoRA settings)."""
         self.training = training
         self.simpo = simpo
@@ -202,7 +203,11 @@ class SimPOTrainer:
         self.precision: Precision = resolve_precision(training.precision, self.device)
         if self.precision == "bf16-true":
             warnings.warn(lost_update_warning(training.learning_rate), stacklevel=2)
-        self.strategy: Strategy = strategy if self.world_size > 1 else "ddp"
+        # FSDP shards over whatever process group there is, one rank included (nothing to
+        # divide then, but the same code path: bench/gpu_checks.py runs it on one GPU); without
+        # a group there is nothing to wrap.
+        distributed = dist.is_available() and dist.is_initialized()
+        self.strategy: Strategy = strategy if distributed else "ddp"
         self.model = _hold_weights(model.to(self.device), self.precision)
         # perf/peak_memory_mb is this trainer's peak, not that of whatever the process ran
         # before it (earlier trials in a reused trial process).
@@ -230,7 +235,7 @@ class SimPOTrainer:
         # bf16 compute over float32 weights: FSDP casts the gathered weights itself (its
         # MixedPrecisionPolicy); elsewhere autocast does. bf16-true weights are bf16 already.
         self.autocast_bf16 = self.precision == "bf16-mixed" and self.strategy != "fsdp"
-        if self.world_size > 1 and self.strategy == "fsdp":
+        if self.strategy == "fsdp":
             _fully_shard(self.policy, self.model, self.device, self.precision)
         elif self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None

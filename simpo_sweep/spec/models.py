@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -33,10 +33,19 @@ class LoraSpec(StrictModel):
     )
 
 
+# The built-in models (the names after builtin:): the demo's randomly initialised and SFT tiny
+# Llamas (engine/demo.py) and the real models converted from an installed package
+# (engine/pretrained.py), which define them.
+BUILTIN_MODEL_NAMES = ("tiny-llama", "tiny-llama-sft", "smollm2-135m-instruct")
+
+
 class ModelSpec(StrictModel):
     name: str = Field(
         "builtin:tiny-llama",
-        description="Hugging Face hub id, local path, or builtin:<name> for a demo model.",
+        description="Hugging Face hub id, local path, or a built-in model: builtin:tiny-llama "
+        "and builtin:tiny-llama-sft (the demo's tiny Llamas, built locally), "
+        "builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct, a real 135M instruct model "
+        "installed by scripts/setup.sh and converted once into the cache).",
     )
     tokenizer: str | None = Field(None, description="Tokenizer id or path; defaults to `name`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -56,6 +65,14 @@ class ModelSpec(StrictModel):
         description="Train LoRA adapters through peft instead of every weight; None = full "
         "fine-tuning. Its fields are searchable (model.lora.r).",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _known_builtin(cls, name: str) -> str:
+        if name.startswith("builtin:") and name.removeprefix("builtin:") not in BUILTIN_MODEL_NAMES:
+            known = ", ".join(f"builtin:{known}" for known in BUILTIN_MODEL_NAMES)
+            raise ValueError(f"unknown built-in model {name!r}; known: {known}")
+        return name
 
 
 class DataColumns(StrictModel):
