@@ -53,6 +53,8 @@ def _record(length: int, chosen_length: int, **fields: object) -> GenerationReco
     values: dict[str, object] = {
         "row": 0,
         "prompt": "p",
+        "prompt_tokens": 1,
+        "prompt_cut": None,
         "generation": "g",
         "chosen": "c",
         "length_tokens": length,
@@ -376,7 +378,7 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
     from mlflow.tracking import MlflowClient
 
     from simpo_sweep.service.commands import generation_score_lines
-    from simpo_sweep.service.report import GENERATIONS_FILE, write_report
+    from simpo_sweep.service.report import GENERATIONS_FILE, prompt_cell, write_report
     from simpo_sweep.service.results import STATE_COMPLETED, STATE_DEGENERATE
     from simpo_sweep.service.sweep import run_sweep
     from simpo_sweep.spec.models import SweepSpec
@@ -429,7 +431,11 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
     assert tables == [f"generations/step_{step:06d}.json" for step in (0, 10, 20)]
     rows = read_table(client, run_id, "generations/step_000020.json")
     assert len(rows) == 8
-    assert all(demo.rule_answer(row["prompt"]) is not None for row in rows)
+    # Prompts as the model saw them: the user turn and the generation prompt (none was cut).
+    assert all(row["prompt"].startswith("[user] count ") for row in rows)
+    assert all(row["prompt"].endswith("\n[assistant]") for row in rows)
+    assert all(demo.rule_answer(row["prompt"][7:-12]) is not None for row in rows)
+    assert {row["prompt_cut"] for row in rows} == {None}
     assert {"generation", "chosen", "score", "chosen_score", "length_tokens"} <= set(rows[0])
     collapsed_run = runs[collapsed.trial_id]
     assert collapsed_run.data.tags["simpo_sweep.state"] == STATE_DEGENERATE
@@ -439,7 +445,7 @@ def test_sweep_reports_generations_and_stops_a_trial_whose_generations_collapse(
 
     write_report(spec, outcome.location, tracking)
     side_by_side = (outcome.sweep_dir / "report" / GENERATIONS_FILE).read_text()
-    assert rows[0]["prompt"] in side_by_side and healthy.trial_id in side_by_side
+    assert prompt_cell(rows[0]["prompt"]) in side_by_side and healthy.trial_id in side_by_side
     parent_files = [entry.path for entry in client.list_artifacts(tracking.parent_run_id)]
     assert GENERATIONS_FILE in parent_files
 

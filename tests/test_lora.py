@@ -58,7 +58,7 @@ def _trainer(
 def _tensor_bytes(folder: Path) -> int:
     """The DCP data files' size: the weights and optimizer state (the rest, metadata and the
     trainer's RNG state, is a few kB whatever the model)."""
-    return sum(path.stat().st_size for path in folder.glob("*.distcp"))
+    return sum(path.stat().st_size for path in folder.rglob("*.distcp"))
 
 
 def test_lora_learns_the_demo_task_and_checkpoints_only_its_adapters(

@@ -2,9 +2,16 @@
 
 A checkpoint is a folder:
 
-    .metadata, __<rank>_<n>.distcp   DCP: {"model": ..., "optimizer": ...}, every rank its part
+    model/       .metadata, __<rank>_<n>.distcp   DCP: {"model": ...}, every rank its part
+    optimizer/   .metadata, __<rank>_<n>.distcp   DCP: {"optimizer": ...}, every rank its part
     trainer_state.pt                 rank 0: step, data position, scheduler, RNG (small)
     checkpoint_complete.json         rank 0, written last: what the folder holds
+
+Weights and optimizer state are two DCP checkpoints so that a finished trial's optimizer state
+(twice its weights under AdamW) can be dropped by deleting a folder, on a bucket as on a disk,
+without rewriting the weights (`drop_optimizer_state`): the marker then says so, and the
+checkpoint still exports, but no longer resumes. Format 1 (one DCP checkpoint at the folder's
+root holding both) is still read.
 
 Under FSDP each rank writes its own shard of the weights and optimizer state (nobody gathers
 a whole model); under DDP, or in one process, the tensors are whole on every rank and DCP's
@@ -42,8 +49,12 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 COMPLETE_MARKER = "checkpoint_complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DCP_METADATA = ".metadata"
+MODEL_FOLDER = "model"
+OPTIMIZER_FOLDER = "optimizer"
+# In the marker: the optimizer state was dropped (the trial ended; export only, no resume).
+OPTIMIZER_DROPPED = "optimizer_state_dropped"
 
 # Frozen parameters (the base model under LoRA) are not saved: they are the model's own and
 # would make every checkpoint as large as the model. strict=False on loading: DCP has already
@@ -103,8 +114,11 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     model_state, optimizer_state = _trained_state(model, optimizer)
     dcp.save(
-        {"model": model_state, "optimizer": optimizer_state},
-        checkpoint_id=directory,
+        {"model": model_state}, checkpoint_id=directory / MODEL_FOLDER, no_dist=world_size == 1
+    )
+    dcp.save(
+        {"optimizer": optimizer_state},
+        checkpoint_id=directory / OPTIMIZER_FOLDER,
         no_dist=world_size == 1,
     )
     if rank == 0:
@@ -130,12 +144,23 @@ def checkpoint_info(directory: Path) -> dict[str, Any]:
         raise IncompleteCheckpointError(
             f"{directory} has no {COMPLETE_MARKER}: an unfinished or foreign checkpoint"
         )
-    missing = [name for name in _dcp_files(directory) if not (directory / name).is_file()]
+    info: dict[str, Any] = json.loads(marker.read_text())
+    if info.get("format_version", 1) == 1:
+        parts = [""]
+    elif info.get(OPTIMIZER_DROPPED):
+        parts = [MODEL_FOLDER]
+    else:
+        parts = [MODEL_FOLDER, OPTIMIZER_FOLDER]
+    missing = [
+        f"{part}/{name}" if part else name
+        for part in parts
+        for name in _dcp_files(directory / part)
+        if not (directory / part / name).is_file()
+    ]
     if not (directory / TRAINER_STATE_FILE).is_file():
         missing.append(TRAINER_STATE_FILE)
     if missing:
         raise IncompleteCheckpointError(f"{directory} lacks {', '.join(sorted(missing))}")
-    info: dict[str, Any] = json.loads(marker.read_text())
     return info
 
 
@@ -148,19 +173,56 @@ def _dcp_files(directory: Path) -> set[str]:
     return {_DCP_METADATA, *(str(item.relative_path) for item in storage.values())}
 
 
+def _weights_folder(directory: Path, info: dict[str, Any]) -> Path:
+    return directory if info.get("format_version", 1) == 1 else directory / MODEL_FOLDER
+
+
+def resumable(info: dict[str, Any]) -> bool:
+    """Whether a checkpoint (its marker's contents) still holds its optimizer state."""
+    return not info.get(OPTIMIZER_DROPPED)
+
+
+def weights_only_marker(marker: str) -> str:
+    """The marker text of the same checkpoint once its optimizer/ folder is gone.
+
+    Whoever drops the optimizer state (service.retention, on a disk or a bucket) writes this
+    marker first and removes the folder after, so a removal stopped half-way leaves a
+    weights-only checkpoint, never one that reads as incomplete.
+    """
+    info = json.loads(marker)
+    if info.get("format_version", 1) == 1:
+        raise ValueError("a format-1 checkpoint keeps weights and optimizer state together")
+    info[OPTIMIZER_DROPPED] = True
+    return json.dumps(info, indent=1, sort_keys=True)
+
+
 def load_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Weights and optimizer state into `model` and `optimizer` (sharded as they are now, on
     the same number of ranks for FSDP); returns the trainer state. Every rank calls it."""
-    checkpoint_info(directory)
+    info = checkpoint_info(directory)
+    if not resumable(info):
+        raise IncompleteCheckpointError(
+            f"{directory} holds weights only: its trial had ended, and the sweep's checkpoint "
+            "retention dropped its optimizer state (it exports, it does not resume)"
+        )
     model_state, optimizer_state = _trained_state(model, optimizer)
     # In place: DCP reads each rank's shard into the tensors (DTensors) given here.
-    dcp.load(
-        {"model": model_state, "optimizer": optimizer_state},
-        checkpoint_id=directory,
-        no_dist=_world()[1] == 1,
-    )
+    single = _world()[1] == 1
+    if info.get("format_version", 1) == 1:
+        dcp.load(
+            {"model": model_state, "optimizer": optimizer_state},
+            checkpoint_id=directory,
+            no_dist=single,
+        )
+    else:
+        dcp.load({"model": model_state}, checkpoint_id=directory / MODEL_FOLDER, no_dist=single)
+        dcp.load(
+            {"optimizer": optimizer_state},
+            checkpoint_id=directory / OPTIMIZER_FOLDER,
+            no_dist=single,
+        )
     set_state_dict(
         model,
         optimizer,
@@ -183,11 +245,11 @@ def load_full_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]
     `...lora_A.default.weight`); `checkpoint_info(dir)["lora"]` says how they were made.
     """
     directory = Path(checkpoint_dir)
-    checkpoint_info(directory)
+    weights = _weights_folder(directory, checkpoint_info(directory))
     with warnings.catch_warnings():
         # "assuming the intent is to load in a single process": it is.
         warnings.simplefilter("ignore", UserWarning)
-        loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(directory))
+        loaded = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(weights))
     model_state: dict[str, Any] = loaded["model"]
     return {
         name: tensor for name, tensor in model_state.items() if isinstance(tensor, torch.Tensor)

@@ -45,15 +45,22 @@ stepping until every rank is done (`synced_gpus`), so every rank runs the same n
 forward passes, as FSDP's collectives need. The records are then gathered to EVERY rank with
 all_gather_object, so every rank computes the same metrics and the same verdict and all stop at
 the same step (Ray Train's report is a barrier).
+
+Prompts are shown (the `prompt` column of the generations table, the report) as the model saw
+them (`render_prompt`): the conversation with its roles, "[system] ...\n[user] ...\n[assistant]",
+and a mark where data preparation cut the prompt (`left_truncated_prompts`). Scorers read the
+plain text instead (`EvalPrompt.prompt_text`, decoded without special tokens).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -82,6 +89,11 @@ def metric_name(name: str) -> str:
 # ---- prompts ----------------------------------------------------------------------------------
 
 
+# Which side of a prompt was cut off: data preparation keeps a prompt's last max_prompt_length
+# tokens (engine.data.tokenize.truncate_pair), so a prepared prompt is only ever cut on the left.
+PromptCut = Literal["left", "right"]
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
     """One held-out prompt and its chosen response, as token ids and as text."""
@@ -91,6 +103,9 @@ class EvalPrompt:
     chosen_ids: list[int]  # the chosen response's tokens before its EOS
     prompt_text: str  # decoded without special tokens (template markers): what a scorer reads
     chosen_text: str
+    # The prompt as the model saw it, for people: roles, text and the cut (render_prompt).
+    conversation: str
+    cut: PromptCut | None  # which side data preparation cut off, if it did
 
 
 def _content(ids: Sequence[int], eos_token_id: int | None) -> list[int]:
@@ -110,6 +125,196 @@ def decode(
     return str(text).strip()
 
 
+# ---- showing prompts ----------------------------------------------------------------------------
+
+# Special tokens that open a turn whose role is the text right after them, up to a line break
+# (ChatML's "<|im_start|>user\n", Gemma's "<start_of_turn>model\n") or up to a header closer
+# (Llama 3's "<|start_header_id|>user<|end_header_id|>").
+TURN_OPENERS = frozenset({"<|im_start|>", "<start_of_turn>", "<|start_header_id|>"})
+HEADER_CLOSERS = frozenset({"<|end_header_id|>"})
+# Special tokens that end a turn. They are left out, as the tokenizer's BOS, EOS and padding
+# are: the next role (or a line break) shows where a turn ends.
+TURN_ENDERS = frozenset(
+    {"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "</s>"}
+)
+# A special token that is a role itself: "<|user|>" (the demo's template, Zephyr's, Phi-3's).
+ROLE_TOKEN = re.compile(r"<\|(system|user|assistant|tool|ipython|developer|human|model)\|>")
+# What the text after a turn opener must look like to be read as the turn's role.
+ROLE_NAME = re.compile(r"[A-Za-z_][\w-]{0,31}")
+
+
+def cut_mark(cut: PromptCut, kept_tokens: int) -> str:
+    """The visible mark of a cut prompt: at its start when cut from the left, at its end when
+    cut from the right."""
+    if cut == "left":
+        return f"[… cut from the left: earlier tokens dropped, the last {kept_tokens} kept]"
+    return f"[cut from the right: later tokens dropped, the first {kept_tokens} kept …]"
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokenizer's special tokens: BOS, EOS and the like, and added special tokens (turn
+    markers, which a tokenizer need not list among its named special tokens)."""
+    ids = {int(token_id) for token_id in tokenizer.all_special_ids}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(int(token_id) for token_id, token in added.items() if getattr(token, "special", 0))
+    return ids
+
+
+def _segments(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> list[tuple[bool, str]]:
+    """(is_special, text) runs of the prompt: each special token on its own, the text between
+    them decoded together."""
+    special = _special_ids(tokenizer)
+    segments: list[tuple[bool, str]] = []
+    run: list[int] = []
+    for token_id in ids:
+        if int(token_id) not in special:
+            run.append(int(token_id))
+            continue
+        if run:
+            segments.append((False, str(tokenizer.decode(run))))
+            run = []
+        segments.append((True, str(tokenizer.convert_ids_to_tokens(int(token_id)))))
+    if run:
+        segments.append((False, str(tokenizer.decode(run))))
+    return segments
+
+
+def prompt_turns(
+    prompt_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str | None, str]]:
+    """(role, text) of each turn of a templated prompt, in order. Role None: text outside any
+    recognised turn (a prompt cut inside a turn starts with one, and a template whose turn
+    markers are not recognised gives only such text). Turn markers, BOS, EOS and padding are
+    left out; any other special token stays in the text, as it is."""
+    noise = {
+        str(token)
+        for token in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+        if token
+    }
+    turns: list[tuple[str | None, list[str]]] = [(None, [])]
+    opener: str | None = None  # a turn opener whose role has not been read yet
+    for is_special, piece in _segments(prompt_ids, tokenizer):
+        if opener is not None:
+            name, _, rest = piece.partition("\n")
+            if not is_special and ROLE_NAME.fullmatch(name.strip()):
+                turns.append((name.strip(), [rest]))
+                opener = None
+                continue
+            turns[-1][1].append(opener)  # not followed by a role: shown as it is
+            opener = None
+        role_token = ROLE_TOKEN.fullmatch(piece) if is_special else None
+        if not is_special:
+            turns[-1][1].append(piece)
+        elif piece in TURN_OPENERS:
+            opener = piece
+        elif role_token is not None:
+            turns.append((role_token.group(1), []))
+        elif piece in TURN_ENDERS or piece in noise:
+            turns.append((None, []))
+        elif piece not in HEADER_CLOSERS:
+            turns[-1][1].append(piece)
+    if opener is not None:
+        turns[-1][1].append(opener)
+    joined = [(role, "".join(parts).strip()) for role, parts in turns]
+    return [(role, text) for role, text in joined if role is not None or text]
+
+
+def render_prompt(
+    prompt_ids: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+    truncated: PromptCut | None = None,
+) -> str:
+    """A templated prompt as the model saw it, for people to read: one line per turn,
+    "[role] text", the generation prompt as a last "[assistant]", and `cut_mark` where the
+    prompt was cut (`truncated`: from which side).
+
+        [system] You are a helpful AI assistant named SmolLM, trained by Hugging Face
+        [user] In this task, you are given a sentence. ...
+        [assistant]
+
+    A template whose turn markers are not recognised shows as its text with its special
+    tokens (all but BOS, EOS and padding, which end a line), never without them."""
+    lines = [
+        text if role is None else f"[{role}] {text}".rstrip()
+        for role, text in prompt_turns(prompt_ids, tokenizer)
+    ]
+    body = "\n".join(lines)
+    if truncated == "left":
+        return f"{cut_mark('left', len(prompt_ids))} {body}".rstrip()
+    if truncated == "right":
+        return f"{body} {cut_mark('right', len(prompt_ids))}".lstrip()
+    return body
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+    prefix = list(sequences[0])
+    for sequence in sequences[1:]:
+        length = 0
+        while length < min(len(prefix), len(sequence)) and prefix[length] == sequence[length]:
+            length += 1
+        prefix = prefix[:length]
+    return prefix
+
+
+# Conversations rendered to find what every templated prompt begins with; templates that
+# reject one (no system role, say) are read from the others.
+_START_PROBES = (
+    [{"role": "user", "content": "a"}],
+    [{"role": "user", "content": "b"}],
+    [{"role": "system", "content": "c"}, {"role": "user", "content": "d"}],
+)
+
+
+def template_start(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens every prompt templated by `tokenizer` begins with: with a chat template,
+    what it writes before the first message's content differs (BOS and `<|im_start|>system` for
+    SmolLM2's, whose default system turn comes first; `<s>` for the demo's); without one, what
+    the tokenizer puts before plain text (its BOS, if it adds one). Empty when nothing is."""
+    rendered: list[list[int]] = []
+    if tokenizer.chat_template:
+        for messages in _START_PROBES:
+            try:
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception:  # templates raise anything (jinja errors, raise_exception)
+                continue
+            rendered.append(list(tokenizer(str(text), add_special_tokens=False)["input_ids"]))
+    else:
+        rendered = [list(tokenizer(text)["input_ids"]) for text in ("a", "b")]
+    return _common_prefix(rendered) if len(rendered) >= 2 else []
+
+
+def left_truncated_prompts(
+    prompt_ids: Sequence[Sequence[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_prompt_length: int | None = None,
+) -> list[bool]:
+    """Which prompts of a prepared split data preparation cut from the left.
+
+    The split keeps no record of it, so it is told from the tokens: a cut prompt holds exactly
+    `max_prompt_length` tokens (the longest prompt of the split when not given: a cut prompt
+    always is one) and does not begin as every templated prompt does (`template_start`). The
+    prompts shorter than that were never cut; if one of them does not begin with the
+    tokenizer's template start, the data was templated otherwise (the spec's own template) and
+    the start is the special token all of them begin with instead. With no start to go by (no
+    template and no BOS), no prompt is said to be cut. A prompt cut exactly before a turn that
+    begins the way templated prompts do is not seen as cut."""
+    prompts = [list(ids) for ids in prompt_ids]
+    if not prompts:
+        return []
+    limit = max_prompt_length if max_prompt_length is not None else max(map(len, prompts))
+    uncut = [ids for ids in prompts if len(ids) < limit]
+    start = template_start(tokenizer)
+    if not start or any(ids[: len(start)] != start for ids in uncut):
+        firsts = {ids[0] for ids in uncut if ids}
+        start = list(firsts) if len(firsts) == 1 and firsts <= _special_ids(tokenizer) else []
+    if not start:
+        return [False] * len(prompts)
+    return [len(ids) >= limit and ids[: len(start)] != start for ids in prompts]
+
+
 def select_prompts(
     prompt_ids: Sequence[Sequence[int]],
     chosen_ids: Sequence[Sequence[int]],
@@ -117,19 +322,23 @@ def select_prompts(
     *,
     num_prompts: int,
     seed: int,
+    max_prompt_length: int | None = None,
 ) -> list[EvalPrompt]:
     """`num_prompts` distinct prompts of the eval split (all when it has fewer), drawn with
-    `seed`: the same prompts for every trial of a sweep and every evaluation of a trial."""
+    `seed`: the same prompts for every trial of a sweep and every evaluation of a trial.
+    `max_prompt_length`: the data's, to tell the prompts it cut (left_truncated_prompts)."""
     first_row: dict[tuple[int, ...], int] = {}
     for row in range(len(prompt_ids)):
         first_row.setdefault(tuple(prompt_ids[row]), row)
     rows = list(first_row.values())
     if len(rows) > num_prompts:
         rows = sorted(random.Random(seed).sample(rows, num_prompts))
+    cut_rows = left_truncated_prompts(prompt_ids, tokenizer, max_prompt_length=max_prompt_length)
     eos = tokenizer.eos_token_id
     prompts = []
     for row in rows:
         prompt, chosen = list(prompt_ids[row]), _content(chosen_ids[row], eos)
+        cut: PromptCut | None = "left" if cut_rows[row] else None
         prompts.append(
             EvalPrompt(
                 row=row,
@@ -137,6 +346,8 @@ def select_prompts(
                 chosen_ids=chosen,
                 prompt_text=decode(tokenizer, prompt, skip_special_tokens=True),
                 chosen_text=decode(tokenizer, chosen),
+                conversation=render_prompt(prompt, tokenizer, cut),
+                cut=cut,
             )
         )
     return prompts
@@ -279,7 +490,9 @@ class GenerationRecord:
     """One prompt's generation, its measures and scores: a row of the MLflow table."""
 
     row: int
-    prompt: str
+    prompt: str  # the conversation as the model saw it, cut marked (render_prompt)
+    prompt_tokens: int
+    prompt_cut: PromptCut | None  # the side data preparation cut the prompt on, if it did
     generation: str
     chosen: str
     length_tokens: int
@@ -454,7 +667,9 @@ class GenerationEvaluator:
         local = [
             GenerationRecord(
                 row=prompt.row,
-                prompt=prompt.prompt_text,
+                prompt=prompt.conversation,
+                prompt_tokens=len(prompt.prompt_ids),
+                prompt_cut=prompt.cut,
                 generation=text,
                 chosen=prompt.chosen_text,
                 length_tokens=len(generation.tokens),

@@ -50,7 +50,14 @@ from simpo_sweep.engine.batching import (
 )
 from simpo_sweep.engine.logps import PolicyLogps
 from simpo_sweep.engine.loss import simpo_objective
-from simpo_sweep.engine.metrics import PAIR_SUMS, Diagnosis, LogpsStart, diagnose, sums_to_means
+from simpo_sweep.engine.metrics import (
+    PAIR_SUMS,
+    Diagnosis,
+    LogpsStart,
+    MetricWindow,
+    diagnose,
+    sums_to_means,
+)
 from simpo_sweep.engine.models import Precision, lost_update_warning, resolve_precision
 from simpo_sweep.spec.models import DiagnosticsSpec, SimPOSpec, TrainingSpec
 
@@ -572,21 +579,27 @@ class SimPOTrainer:
         metrics: dict[str, float] = {}
         diagnosis = Diagnosis()
         stopped_reason: str | None = None
+        # What the verdicts on the trial's level read: recent evaluations, else recent steps.
+        # A resumed trial's starts empty (until it refills, only evaluations are judged).
+        window = MetricWindow(self.diagnostics.window_steps)
         while self.step < training.max_steps:
             train_metrics = self.train_step(micro_batches)
             if self.logps_start is None:
                 self.logps_start = LogpsStart.read(train_metrics)
             done = self.step >= training.max_steps
             event = StepEvent(self.step, training.max_steps, train_metrics)
+            window.add_train(self.step, train_metrics)
             if self.step % training.eval_every == 0 or done:
                 event.eval_metrics = self.evaluate()
+                window.add_eval(self.step, event.eval_metrics, pairs=len(self.eval_data))
             diagnosis = diagnose(
-                train_metrics,
+                event.metrics,
                 step=self.step,
                 max_steps=training.max_steps,
                 rules=self.diagnostics,
                 length_averaged=self.simpo.average_log_prob,
                 start=self.logps_start,
+                window=window,
             )
             event.diagnosis = diagnosis
             degenerate = bool(diagnosis.degenerate) and self.diagnostics.stop_degenerate

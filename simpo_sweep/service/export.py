@@ -184,8 +184,9 @@ def export_to(
     checkpoints = trial_checkpoints(sweep_dir, trial.trial_id)
     if not checkpoints:
         raise SweepError(
-            f"trial {trial.trial_id} has no checkpoint in {sweep_dir} (it ended before its "
-            "first one, or its checkpoints were removed)"
+            f"trial {trial.trial_id} has no checkpoint in {sweep_dir}: it ended before its "
+            "first one, or it was not among the best storage.keep_best_trials trials, whose "
+            "weights alone stay once trials end"
         )
     sampled = _sampled_paths(spec, trial)
     trained = spec_with_trial(spec, sampled)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from simpo_sweep.service.retention import trial_ended
 from simpo_sweep.service.storage import StorageLocation
 from simpo_sweep.spec.models import SweepSpec
 from simpo_sweep.tracking.mlflow_runs import SweepTracking
@@ -181,11 +182,24 @@ class SweepProgress(Callback):
     def _finish(self, trials: list[Any], trial: Any, outcome: TrialOutcome) -> None:
         record_outcome(self.sweep, trial.trial_id, outcome)
         self._say(f"{trial.trial_id} {outcome.state}: {outcome.diagnosis}")
+        self._retain(trial.trial_id, outcome, trial.last_result)
         self._refresh(trials, outcome.state.value)
         if self.tracking is not None:
             run_id = self.tracking.run_id_for(trial.trial_id)
             if run_id is not None:
                 self.tracking.finish_trial(run_id, outcome.state.value, outcome.diagnosis)
+
+    def _retain(
+        self, trial_id: str, outcome: TrialOutcome, last_result: dict[str, Any] | None
+    ) -> None:
+        """The ended trial's checkpoints as service.retention says (the best K keep their
+        weights); storage trouble here is said, never fatal to the sweep."""
+        reported = (last_result or {}).get(self.metric)
+        metric = float(reported) if isinstance(reported, int | float) else None
+        try:
+            trial_ended(self.sweep, self.spec, trial_id, outcome.state, metric)
+        except (OSError, ValueError) as error:
+            self._say(f"{trial_id}: checkpoint retention skipped ({error})")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(
@@ -215,3 +229,4 @@ class SweepProgress(Callback):
             else:
                 continue
             record_outcome(self.sweep, trial.trial_id, outcome)
+            self._retain(trial.trial_id, outcome, result)

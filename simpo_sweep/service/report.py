@@ -150,6 +150,27 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:300] or " "
 
 
+# A prompt cell keeps this many characters: the start (its first role, or the mark of a cut)
+# and the end (the last turn, which the generations answer), with a mark between.
+PROMPT_CELL_CHARS = 600
+PROMPT_CELL_HEAD_CHARS = 150
+
+
+def prompt_cell(prompt: Any) -> str:
+    """A generations table's prompt (engine.generation.render_prompt: one "[role] text" line
+    per turn, and a mark where it was cut) as one Markdown cell: turns run on in one line, their
+    roles tell them apart; a long one loses its middle, and says how much."""
+    text = "" if prompt is None else " ".join(str(prompt).split("\n"))
+    if len(text) > PROMPT_CELL_CHARS:
+        tail_chars = PROMPT_CELL_CHARS - PROMPT_CELL_HEAD_CHARS
+        left_out = len(text) - PROMPT_CELL_CHARS
+        text = (
+            f"{text[:PROMPT_CELL_HEAD_CHARS]} [… {left_out} characters left out here …] "
+            f"{text[-tail_chars:]}"
+        )
+    return text.replace("|", "\\|") or " "
+
+
 def generations_side_by_side(
     spec: SweepSpec, rows: list[TrialRow], tracking: SweepTracking
 ) -> str | None:
@@ -176,7 +197,8 @@ def generations_side_by_side(
         f"# {spec.name}: generations of the top trials",
         "",
         f"Ranked by {spec.search.metric}; each trial's last generation evaluation, for the same "
-        "held-out prompts. In brackets: the generation's score (chosen: the chosen response's).",
+        "held-out prompts, as the model saw them: [role] before each turn, and a mark where a "
+        "prompt was cut. In brackets: the generation's score (chosen: the chosen response's).",
         "",
         "| trial | " + " | ".join(_cell(name) for name in header[2:]) + " |",
         "|---|" + "---|" * len(shown),
@@ -189,7 +211,7 @@ def generations_side_by_side(
     lines.append("|" + "---|" * len(header))
     for prompt_row in prompt_rows:
         first = shown[0][2][prompt_row]
-        cells = [_cell(first["prompt"]), _scored(first["chosen"], first.get("chosen_score"))]
+        cells = [prompt_cell(first["prompt"]), _scored(first["chosen"], first.get("chosen_score"))]
         for _, _, by_row in shown:
             record = by_row.get(prompt_row)
             cells.append(_scored(record["generation"], record.get("score")) if record else " ")

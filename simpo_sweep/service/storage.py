@@ -161,6 +161,28 @@ class StorageLocation:
             for info in self.filesystem.get_file_info(selector)
         ]
 
+    def size_bytes(self) -> int:
+        """The bytes of every file at or under this location (0 when nothing is there)."""
+        info = self.filesystem.get_file_info(self.fs_path)
+        if info.type == pafs.FileType.File:
+            return int(info.size or 0)
+        if info.type != pafs.FileType.Directory:
+            return 0
+        selector = pafs.FileSelector(self.fs_path, recursive=True)
+        return sum(
+            int(entry.size or 0)
+            for entry in self.filesystem.get_file_info(selector)
+            if entry.type == pafs.FileType.File
+        )
+
+    def remove(self) -> None:
+        """Delete this file or folder with everything under it (nothing there: nothing to do)."""
+        info = self.filesystem.get_file_info(self.fs_path)
+        if info.type == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.fs_path)
+        elif info.type == pafs.FileType.File:
+            self.filesystem.delete_file(self.fs_path)
+
     def upload_folder(self, folder: Path) -> None:
         """Copy a local folder's files here (this location becomes the folder's copy)."""
         pafs.copy_files(

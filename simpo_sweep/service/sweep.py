@@ -4,6 +4,7 @@ Layout of a sweep on storage (`storage.path/<sweep id>/`):
     spec.yaml            the spec as run (overrides applied): what `resume` reads
     <Tune state>         Tune's experiment state and one folder per trial
     train/<trial id>/    each trial's Ray Train run and checkpoints
+    checkpoint_retention.json   ended trials and what retention freed (service.retention)
     results.csv, results.md, best_config.yaml    written at the end
 """
 
@@ -49,6 +50,7 @@ from simpo_sweep.service.results import (
     trial_rows,
     write_results,
 )
+from simpo_sweep.service.retention import apply_retention
 from simpo_sweep.service.search import param_space, scheduler, search_algorithm
 from simpo_sweep.service.storage import (
     LOCAL_HOME,
@@ -367,6 +369,8 @@ def run_sweep(
     status = "interrupted" if interrupted else "completed"
     files = write_results(stage_spec, rows, sweep_dir)
     cost = sweep_cost(stage_spec, rows)
+    retention = apply_retention(sweep_dir, spec)
+    printer(retention.format())
     held_bytes = checkpoint_bytes(sweep_dir)
     best = best_row(rows)
     exported = None
@@ -385,7 +389,7 @@ def run_sweep(
             best.params if best is not None else {},
             Counter(row.state for row in rows),
         )
-        log_cost(tracking, cost, held_bytes)
+        log_cost(tracking, cost, held_bytes, retention.freed_bytes)
         if rows:
             files.update(
                 (f"report/{location.name}", location)
@@ -439,9 +443,9 @@ def export_best(
     return exported
 
 
-def log_cost(tracking: SweepTracking, cost: Cost, held_bytes: int) -> None:
-    """Each trial's resource-hours on its run; the sweep's total, what early stops saved and
-    the disk its checkpoints hold on the parent."""
+def log_cost(tracking: SweepTracking, cost: Cost, held_bytes: int, freed_bytes: int) -> None:
+    """Each trial's resource-hours on its run; the sweep's total, what early stops saved, the
+    disk its checkpoints hold and what checkpoint retention freed, on the parent."""
     now = int(time.time() * 1000)
     key = f"cost/{cost.name}"
     for trial_id, hours in cost.per_trial.items():
@@ -454,6 +458,7 @@ def log_cost(tracking: SweepTracking, cost: Cost, held_bytes: int) -> None:
             Metric(key, cost.total, now, 0),
             Metric(f"cost/{cost.name}_saved_by_early_stops", cost.saved_by_early_stops, now, 0),
             Metric("storage/checkpoint_gb", held_bytes / 1e9, now, 0),
+            Metric("storage/freed_gb", freed_bytes / 1e9, now, 0),
         ],
     )
 

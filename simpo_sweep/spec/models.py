@@ -260,6 +260,21 @@ class DiagnosticsSpec(StrictModel):
     late_fraction: float = Field(
         0.5, gt=0, le=1, description="'Late in training' = past this fraction of max_steps."
     )
+    window_steps: int = Field(
+        8,
+        gt=0,
+        description="The rules on a trial's level (collapse, not learning preferences, "
+        "over-fitting) read held-out metrics when the trial was evaluated within this many "
+        "steps, otherwise the mean of its last this-many train steps: one step's batch is too "
+        "few pairs to judge a trial by. NaN/inf loss and positive log-probs are judged per step.",
+    )
+    accuracy_lag: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Over-fitting, with a recent evaluation at hand: a train reward margin above "
+        "high_margin and eval/rewards/accuracies more than this below train's (window mean).",
+    )
 
 
 # Names under eval/generation/ that a generation evaluation reports (engine/generation.py
@@ -538,6 +553,14 @@ class StorageSpec(StrictModel):
     shared_filesystem: bool = Field(
         False,
         description="The path is a mount (NFS, EFS, ...) that every node of the cluster sees.",
+    )
+    keep_best_trials: int = Field(
+        2,
+        ge=1,
+        description="Trials whose weights stay once they have ended: the best K by the search "
+        "metric (their last checkpoint, without its optimizer state). Every other ended trial's "
+        "checkpoints are deleted, and a trial's are deleted as soon as it falls out of the "
+        "best K. Failed trials keep their last whole checkpoint (resume retries them).",
     )
 
 
