@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from simpo_sweep.engine.checkpoint import checkpoint_info, resumable
 from simpo_sweep.engine.models import load_model, load_tokenizer
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.export import export_trial, trial_checkpoints
 from simpo_sweep.service.storage import StorageLocation
 from simpo_sweep.service.sweep import SweepOutcome, run_sweep
 from simpo_sweep.spec.models import ModelSpec, SweepSpec
+from simpo_sweep.trial.outcome import TrialState
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -143,12 +145,18 @@ def test_the_best_trial_is_exported_registered_and_reproduces_its_accuracy(
     # process, and the processes it starts, keep their own stores.
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
-    # The cost of every trial, and the checkpoints kept (keep_checkpoints, default 2).
+    # The cost of every trial, and the checkpoints kept once the trials ended: the best
+    # storage.keep_best_trials (default 2) keep their last one, weights only; the rest none.
     with (outcome.sweep_dir / "results.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))  # ranked best first
     assert all(float(row["cpu_hours"]) > 0 for row in rows)
+    metric = SweepSpec.model_validate(spec).search.metric
+    ranked = [r["trial_id"] for r in rows if r[metric] and TrialState(r["state"]).usable]
     for row in rows:
-        assert len(trial_checkpoints(outcome.location, row["trial_id"])) == 2
+        kept = trial_checkpoints(outcome.location, row["trial_id"])
+        assert len(kept) == (1 if row["trial_id"] in ranked[:2] else 0), (row, kept)
+        for checkpoint in kept:
+            assert not resumable(checkpoint_info(Path(checkpoint.uri)))
 
 
 # A fresh interpreter with transformers and peft: the adapter folder alone finds its base

@@ -246,8 +246,8 @@ def test_a_checkpoint_missing_a_shard_or_its_marker_is_refused(
     shutil.copytree(runs["folder"] / "fsdp_ckpt" / "step_000006", checkpoint)
     load_full_model_state(checkpoint)
 
-    (checkpoint / "__1_0.distcp").unlink()
-    with pytest.raises(IncompleteCheckpointError, match=r"__1_0\.distcp"):
+    (checkpoint / "model" / "__1_0.distcp").unlink()
+    with pytest.raises(IncompleteCheckpointError, match=r"model/__1_0\.distcp"):
         load_full_model_state(checkpoint)
     (checkpoint / COMPLETE_MARKER).unlink()
     with pytest.raises(IncompleteCheckpointError, match=r"no checkpoint_complete\.json"):
