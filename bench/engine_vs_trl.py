@@ -23,9 +23,10 @@ the last hidden states and the LM head's weight (TRL 1.16's CPOTrainer has no Li
                   under a 4D mask, the prompt computed once (`--prefix-sharing` adds an
                   `ours...+shared` peer after every `ours...` one)
 
-Presets: `cpu`, `cuda` (Qwen2-0.5B shapes), `cuda_1p5b` (Qwen2-1.5B shapes), `tiny`, the
-prompt-heavy `cpu_prompt_heavy` / `tiny_prompt_heavy` (prompts ~4x the responses), and at 2048
-tokens `cuda_2k` (the `cuda` model) and `cuda_1p5b_2k` (the `cuda_1p5b` model, prompt-heavy).
+Presets: `cpu` (a 4-layer, vocabulary-dominated Llama), `cpu_smollm2` (SmolLM2-135M's shapes,
+float32), `cuda` (Qwen2-0.5B shapes), `cuda_1p5b` (Qwen2-1.5B shapes), `tiny`, the prompt-heavy
+`cpu_prompt_heavy` / `tiny_prompt_heavy` (prompts ~4x the responses), and at 2048 tokens
+`cuda_2k` (the `cuda` model) and `cuda_1p5b_2k` (the `cuda_1p5b` model, prompt-heavy).
 
 `--json` writes the preset's fields and the machine, and per peer its raw result with `peer`,
 `preset` (the name), `gpu`, `tokens_per_s`, `step_ms`, `mfu`, `mfu_useful` and `peak_bytes`
@@ -123,6 +124,27 @@ PRESETS = {
         pairs=8,
         prompt_range=(128, 384),
         response_range=(16, 96),
+        dtype="float32",
+        attn="sdpa",
+        warmup=1,
+        steps=3,
+    ),
+    # SmolLM2-135M's shapes (LlamaForCausalLM, 134.5M parameters, tied 49152-word embedding),
+    # random init, float32: a real architecture on CPU, where the 30-layer body, not the head,
+    # does most of the work (the `cpu` model is a 4-layer one dominated by its vocabulary)
+    "cpu_smollm2": Preset(
+        arch="llama",
+        vocab=49_152,
+        hidden=576,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        tie=True,
+        max_length=512,
+        pairs=4,
+        prompt_range=(64, 256),
+        response_range=(64, 256),
         dtype="float32",
         attn="sdpa",
         warmup=1,
