@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from simpo_sweep.engine.checkpoint import checkpoint_info, resumable
+from simpo_sweep.engine.checkpoint import MODEL_FOLDER, checkpoint_info, resumable
 from simpo_sweep.engine.models import load_model, load_tokenizer
 from simpo_sweep.service.errors import SweepError
 from simpo_sweep.service.export import export_trial, trial_checkpoints
@@ -271,7 +271,8 @@ def test_a_two_worker_fsdp_trial_exports_from_its_sharded_checkpoint(tmp_path: P
     assert f"exported trial {outcome.best.trial_id}" in done.stdout
     assert (out / "model.safetensors").is_file()
     (checkpoint, *_) = reversed(trial_checkpoints(outcome.location, outcome.best.trial_id))
-    shards = {path.name for path in Path(checkpoint.uri).iterdir() if path.suffix == ".distcp"}
+    model_shards = Path(checkpoint.uri) / MODEL_FOLDER
+    shards = {path.name for path in model_shards.iterdir() if path.suffix == ".distcp"}
     assert len(shards) == 2, shards  # one shard per worker: the export merged them
     measured = _accuracy_in_a_fresh_process(out, tmp_path / "runs")
     assert abs(measured["accuracy"] - outcome.best.metric) <= 1 / measured["pairs"] + 1e-9

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from simpo_sweep.engine.checkpoint import (
     COMPLETE_MARKER,
+    MODEL_FOLDER,
     IncompleteCheckpointError,
     checkpoint_info,
     load_full_model_state,
@@ -224,8 +225,9 @@ def test_sharded_checkpoint_resumes_exactly_and_loads_whole(
         resume=str(checkpoint),
     )
 
-    assert {"__0_0.distcp", "__1_0.distcp", COMPLETE_MARKER} <= {
-        path.name for path in checkpoint.iterdir()
+    assert COMPLETE_MARKER in {path.name for path in checkpoint.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {
+        path.name for path in (checkpoint / MODEL_FOLDER).iterdir()
     }
     assert checkpoint_info(checkpoint)["strategy"] == "fsdp"
     assert resumed["final"] == straight["final"]
